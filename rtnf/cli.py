@@ -1,0 +1,164 @@
+"""`rtnf ...`: the one command-line entry point.
+
+Each sub-command is a small function that loads the configuration, calls into the package and
+prints the result. Errors meant for the operator (`RtnfError`) are printed as one line and exit
+with status 2; Ctrl-C exits with 130 after the command has cleaned up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from rtnf import __version__
+from rtnf.config import Config, check_config_file, load_config
+from rtnf.errors import RtnfError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or (), args.set or ())
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(json.dumps(config.to_dict(), indent=2) if args.json else config.to_yaml(), end="")
+    if args.json:
+        print()
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    check_config_file(args.file)
+    print(f"{args.file}: valid")
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rtnf.data.io import read_session
+    from rtnf.data.summary import format_summary, summarize
+
+    config = _config(args)
+    session = read_session(args.file, nwb_names=config.rig.nwb, xdf_names=config.rig.xdf)
+    summary = {"file": str(args.file), **summarize(session)}
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+# ----------------------------------------------------------------------------- simulate
+
+
+def _session_paths(out: Path, count: int) -> list[Path]:
+    """One file per simulated session: `out` itself, or `stem-sessionK.suffix` for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-session{k + 1}{out.suffix}") for k in range(count)]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rtnf.data.sim import simulate
+
+    if args.out is None and args.stream is None:
+        raise RtnfError("rtnf simulate: give --out PATH (.nwb, .npz or .xdf) and/or --stream lsl|zmq")
+    if args.out is not None and Path(args.out).suffix not in (".nwb", ".npz", ".xdf"):
+        raise RtnfError(f"--out {args.out}: expected a .nwb, .npz or .xdf file name")
+    # Flags are overrides of the `simulation` section, so they get the config's checks.
+    flags = [f"simulation.{key}={getattr(args, key)}"
+             for key in ("minutes", "neurons", "seed", "sessions") if getattr(args, key) is not None]
+    if args.profile is not None:
+        flags.append(f"rig.profile={args.profile}")
+    config = load_config(args.config or (), [*(args.set or ()), *flags])
+    profile = config.rig.profile
+
+    sessions = simulate(config.simulation, profile)
+    if args.out is not None:
+        from rtnf.data.io import write_session
+
+        for session, path in zip(sessions, _session_paths(Path(args.out), len(sessions))):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_session(session, path)
+            print(f"wrote {path}: {session.n_units} units, {session.n_spikes} spikes, "
+                  f"{session.duration:.1f} s ({profile})")
+    if args.stream is not None:
+        from rtnf.stream.sim_stream import stream_session
+
+        session = sessions[-1]
+        address = args.address or config.rig.sources.spikes.address
+        print(f"streaming {session.n_units} units over {args.stream} at {args.speed:g}x "
+              f"({'LSL streams rtnf-sim-*' if args.stream == 'lsl' else address}); Ctrl-C stops")
+        stats = stream_session(session, args.stream, speed=args.speed, address=address,
+                               lsl_setting=config.rig.lsl.config, stop=threading.Event(),
+                               loop=args.loop)
+        print(f"stopped: {stats}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", action="append", metavar="FILE",
+                        help="configuration file merged over rtnf.yaml's defaults (repeatable)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override one key, e.g. --set windows.hop=0.02 (repeatable)")
+
+    parser = argparse.ArgumentParser(
+        prog="rtnf", description="Real-time Neuroformer: closed-loop neural decoding for rigs.")
+    parser.add_argument("--version", action="version", version=f"rtnf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="show or check configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True,
+                                            metavar="ACTION")
+    show = config_commands.add_parser("show", parents=[common], help="print the resolved config")
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.set_defaults(handler=cmd_config_show)
+    check = config_commands.add_parser("check", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=cmd_config_check)
+
+    info = commands.add_parser("info", parents=[common], help="summarise a session file")
+    info.add_argument("file", type=Path, help="session file (.nwb, .xdf, .npz)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=cmd_info)
+
+    sim = commands.add_parser("simulate", parents=[common],
+                              help="simulate a rig: write session files and/or stream live")
+    sim.add_argument("--out", type=Path, help="write the session(s) to PATH (.nwb, .npz, .xdf)")
+    sim.add_argument("--minutes", type=float, help="minutes per session")
+    sim.add_argument("--neurons", type=int, help="number of units")
+    sim.add_argument("--profile", choices=["2p", "ephys"], help="rig profile (default: rig.profile)")
+    sim.add_argument("--seed", type=int, help="random seed (same seed, same sessions)")
+    sim.add_argument("--sessions", type=int, help="sessions (days) of the same animal")
+    sim.add_argument("--stream", choices=["lsl", "zmq"], help="stream the (last) session live")
+    sim.add_argument("--speed", type=float, default=1.0, help="streaming speed (1 = real time)")
+    sim.add_argument("--address", help="ZMQ address to bind (default: the spike source's)")
+    sim.add_argument("--loop", action="store_true", help="start over at the end of the session")
+    sim.set_defaults(handler=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RtnfError as exc:
+        print(f"rtnf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rtnf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
