@@ -146,6 +146,15 @@ class WindowsConfig:
     current_capacity: int = field(default=100, metadata=_check(lambda v: v >= 3, "an integer >= 3"))
     history_capacity: int = field(default=700, metadata=_check(lambda v: v >= 3, "an integer >= 3"))
 
+    def bins(self, key: Literal["current", "history", "hop"]) -> int:
+        """`windows.<key>` in whole `dt_resolution` bins; ConfigError if it is not whole."""
+        seconds = getattr(self, key)
+        bins = seconds / self.dt_resolution
+        if abs(bins - round(bins)) > 1e-6:
+            raise ConfigError(f"windows.{key} = {seconds}: expected a whole multiple of "
+                              f"windows.dt_resolution ({self.dt_resolution} s)")
+        return round(bins)
+
 
 @dataclass
 class ModelConfig:
@@ -257,12 +266,8 @@ class Config:
 
 def _cross_checks(config: Config) -> None:
     w = config.windows
-    for name in ("current", "history", "hop"):
-        value = getattr(w, name)
-        bins = value / w.dt_resolution
-        if abs(bins - round(bins)) > 1e-6:
-            raise ConfigError(f"windows.{name} = {value}: expected a whole multiple of "
-                              f"windows.dt_resolution ({w.dt_resolution} s)")
+    for key in ("current", "history", "hop"):
+        w.bins(key)
     if w.hop > w.current:
         raise ConfigError(f"windows.hop = {w.hop}: expected at most windows.current "
                           f"({w.current} s), or spikes between windows would be skipped")
