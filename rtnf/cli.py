@@ -98,7 +98,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         stats = stream_session(session, args.stream, speed=args.speed, address=address,
                                lsl_setting=config.rig.lsl.config, stop=threading.Event(),
                                loop=args.loop)
-        print(f"stopped: {stats}")
+        sent = ", ".join(f"{count} {name}" for name, count in stats.sent.items())
+        print(f"{'stopped' if stats.stopped else 'finished'}: sent {sent} "
+              f"({stats.passes} full pass(es)) via {', '.join(stats.endpoints.values())}")
     return 0
 
 

@@ -47,7 +47,8 @@ from pynwb.image import ImageSeries
 
 from rtnf.config import NwbNames
 from rtnf.data.npz_format import session_digest
-from rtnf.data.session import BEHAVIOR_UNITS, BehaviorChannel, Frames, GroundTruth, Session
+from rtnf.data.session import (BEHAVIOR_UNITS, BehaviorChannel, Frames, GroundTruth, Session,
+                               sort_spikes)
 from rtnf.errors import SessionFormatError
 
 METADATA_NAME = "rtnf_metadata"
@@ -178,8 +179,7 @@ def _spikes(nwbfile: NWBFile, source: str) -> tuple[np.ndarray, np.ndarray, np.n
     ends = np.asarray(units["spike_times"].data[:], dtype=np.int64)
     counts = np.diff(ends, prepend=0)
     spike_unit_index = np.repeat(np.arange(unit_ids.size, dtype=np.int32), counts)
-    order = np.lexsort((spike_unit_index, spike_times))
-    return unit_ids, spike_times[order], spike_unit_index[order]
+    return unit_ids, *sort_spikes(spike_times, spike_unit_index)
 
 
 def _behavior(nwbfile: NWBFile, names: NwbNames, source: str) -> dict[str, BehaviorChannel]:

@@ -24,6 +24,12 @@ BEHAVIOR_UNITS = {"speed": "cm/s", "gaze_phi": "degrees", "gaze_theta": "degrees
 INTERVAL_NAMES = ("train", "test", "calibration")
 
 
+def sort_spikes(times: np.ndarray, unit_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Spikes in session order: by time, then by unit index."""
+    order = np.lexsort((unit_index, times))
+    return times[order], unit_index[order]
+
+
 @dataclass
 class BehaviorChannel:
     """One behaviour signal sampled at `timestamps` (seconds), in physical `unit`."""

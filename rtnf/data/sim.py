@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from rtnf.config import SimulationConfig
-from rtnf.data.session import BEHAVIOR_UNITS, BehaviorChannel, Frames, GroundTruth, Session
+from rtnf.data.session import (BEHAVIOR_UNITS, BehaviorChannel, Frames, GroundTruth, Session,
+                               sort_spikes)
 from rtnf.data.sim_behavior import simulate_gaze, simulate_speed, simulate_stimulus
 from rtnf.data.sim_neurons import (VISUAL_LATENCY_S, Drive, Population, draw_population,
                                    drift_tuning, simulate_spikes, speed_response,
@@ -83,7 +84,7 @@ def _simulate_day(rng: np.random.Generator, config: SimulationConfig, profile: s
                                        duration)
     else:
         times, unit_index = observe_ephys(rng, activity, config.rate_dt)
-    order = np.lexsort((unit_index, times))
+    spike_times, spike_unit_index = sort_spikes(times, unit_index)
 
     behavior = {name: BehaviorChannel(behavior_times, values, BEHAVIOR_UNITS[name])
                 for name, values in (("speed", speed), ("gaze_phi", gaze_phi),
@@ -91,8 +92,8 @@ def _simulate_day(rng: np.random.Generator, config: SimulationConfig, profile: s
     hubs = np.flatnonzero(np.isin(units, population.hubs))
     session = Session(
         unit_ids=units,
-        spike_times=times[order],
-        spike_unit_index=unit_index[order],
+        spike_times=spike_times,
+        spike_unit_index=spike_unit_index,
         behavior=behavior,
         frames=Frames(frame_times, images),
         intervals={"calibration": np.array([[0.0, duration]])},

@@ -37,7 +37,7 @@ import numpy as np
 import pyxdf
 
 from rtnf.config import XdfNames
-from rtnf.data.session import BehaviorChannel, Frames, Session
+from rtnf.data.session import BehaviorChannel, Frames, Session, sort_spikes
 from rtnf.data.summary import sample_rate
 from rtnf.errors import SessionFormatError
 
@@ -157,9 +157,7 @@ def _spikes(stream: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     sorter = np.argsort(unit_ids)
     positions = sorter[np.searchsorted(unit_ids, ids, sorter=sorter)]
     times = np.asarray(stream["time_stamps"], dtype=np.float64)
-    spike_unit_index = positions.astype(np.int32)
-    order = np.lexsort((spike_unit_index, times))
-    return unit_ids, times[order], spike_unit_index[order]
+    return unit_ids, *sort_spikes(times, positions.astype(np.int32))
 
 
 def _behavior(stream: dict, source: str) -> dict[str, BehaviorChannel]:

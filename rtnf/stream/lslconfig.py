@@ -25,11 +25,14 @@ TTLOverride = 0
 [lab]
 KnownPeers = {{127.0.0.1}}
 SessionID = {session_id}
+[log]
+level = -1
 """
 
 
 def loopback_config_text(session_id: str = "") -> str:
-    """A liblsl config that keeps discovery on this machine (no broadcast or multicast)."""
+    """A liblsl config that keeps discovery on this machine (no broadcast or multicast) and
+    logs only warnings and errors."""
     return LOOPBACK_CONFIG.format(session_id=session_id or f"rtnf-{uuid.uuid4().hex[:12]}")
 
 

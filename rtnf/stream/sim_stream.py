@@ -118,7 +118,8 @@ def _tracks(session: Session) -> list[_Track]:
 
 def _nominal_rate(timestamps: np.ndarray, speed: float) -> float:
     """Samples per second of stream time (0, LSL's irregular rate, if it cannot tell)."""
-    return float(speed / np.median(np.diff(timestamps))) if timestamps.size > 1 else 0.0
+    step = float(np.median(np.diff(timestamps))) if timestamps.size > 1 else 0.0
+    return speed / step if step > 0 else 0.0
 
 
 class _LslSink:
