@@ -1,9 +1,9 @@
 """Spikes -> (unit, dt) tokens: microseconds to tokenize one window (current + history).
 
-Three rigs, each a few minutes of seeded synthetic spikes (Poisson, lognormal rates across units):
-  2p-386     386 units, mean rate 1 Hz, spike times on 30 Hz imaging frames
-  2p-2000    2000 units, mean rate 1 Hz, spike times on 30 Hz imaging frames
-  ephys-300  300 units, mean rate 5 Hz, spike times on a 30 kHz sample clock
+Three rigs, each a few minutes of the simulated rig (`rtnf.data.sim`, seed 0):
+  2p-386     386 units, 2p profile: deconvolved events on 30 Hz imaging frames
+  2p-2000    2000 units, 2p profile
+  ephys-300  300 units, ephys profile: spike times on a 30 kHz sample clock
 Windows: hop 50 ms, current 50 ms, history 150 ms, 10 ms bins, capacities 100 / 700.
 
 The real-time path, `tokenize_window` at one window end, is timed with perf_counter_ns at every
@@ -29,45 +29,36 @@ from pathlib import Path
 
 import numpy as np
 
-from rtnf.config import WindowsConfig
+from rtnf.config import SimulationConfig, WindowsConfig
+from rtnf.data.sim import simulate
 from rtnf.tokens import TokenSpec, tokenize_window, tokenize_windows, window_ends
 
 WINDOWS = WindowsConfig(hop=0.05, current=0.05, history=0.15, dt_resolution=0.01,
                         current_capacity=100, history_capacity=700)
-RATE_SIGMA = 1.0  # lognormal spread of firing rates across units (log-space standard deviation)
 SEED = 0
 
 
 @dataclass(frozen=True)
 class Rig:
-    """A synthetic recording: how many units, how fast they fire, on which clock."""
+    """A simulated recording: how many units, which rig profile."""
 
     name: str
     n_units: int
-    mean_rate_hz: float
-    clock_hz: float  # spike times fall on multiples of 1 / clock_hz
+    profile: str
 
 
 RIGS = (
-    Rig("2p-386", 386, 1.0, 30.0),
-    Rig("2p-2000", 2000, 1.0, 30.0),
-    Rig("ephys-300", 300, 5.0, 30_000.0),
+    Rig("2p-386", 386, "2p"),
+    Rig("2p-2000", 2000, "2p"),
+    Rig("ephys-300", 300, "ephys"),
 )
 
 
-def synthetic_spikes(rig: Rig, seconds: float, rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Poisson spikes at lognormal rates (mean `rig.mean_rate_hz`), snapped to the rig's clock.
-
-    Returns (times float64, unit indices int32) sorted by time, then unit, as in a `Session`.
-    """
-    log_mean = np.log(rig.mean_rate_hz) - RATE_SIGMA**2 / 2
-    rates = rng.lognormal(log_mean, RATE_SIGMA, rig.n_units)
-    counts = rng.poisson(rates * seconds)
-    units = np.repeat(np.arange(rig.n_units, dtype=np.int32), counts)
-    times = np.round(rng.uniform(0.0, seconds, units.size) * rig.clock_hz) / rig.clock_hz
-    order = np.lexsort((units, times))
-    return times[order], units[order]
+def simulated_spikes(rig: Rig, minutes: float) -> tuple[np.ndarray, np.ndarray]:
+    """(spike times, unit indices) of one simulated session of `rig`."""
+    (session,) = simulate(SimulationConfig(neurons=rig.n_units, minutes=minutes, seed=SEED),
+                          rig.profile)
+    return session.spike_times, session.spike_unit_index
 
 
 def percentiles(samples_ns: np.ndarray) -> dict[str, float]:
@@ -79,9 +70,8 @@ def percentiles(samples_ns: np.ndarray) -> dict[str, float]:
 
 def run(repeats: int, minutes: float) -> dict:
     seconds = minutes * 60.0
-    rng = np.random.default_rng(SEED)
     ends = window_ends(0.0, seconds, WINDOWS, full_history=True)
-    sessions = {rig.name: synthetic_spikes(rig, seconds, rng) for rig in RIGS}
+    sessions = {rig.name: simulated_spikes(rig, minutes) for rig in RIGS}
     specs = {rig.name: TokenSpec.from_config(WINDOWS, rig.n_units) for rig in RIGS}
 
     window_ns = {rig.name: np.empty((repeats, ends.size), dtype=np.int64) for rig in RIGS}
@@ -130,7 +120,6 @@ def run(repeats: int, minutes: float) -> dict:
             "n_windows": int(ends.size),
             "repeats": repeats,
             "timed_windows_per_rig": int(ends.size * repeats),
-            "rate_lognormal_sigma": RATE_SIGMA,
             "seed": SEED,
         },
         "results": results,
@@ -157,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="passes over every window end of the session (default 3)")
     parser.add_argument("--minutes", type=float, default=5.0,
-                        help="length of the synthetic session (default 5)")
+                        help="length of each simulated session (default 5)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "tokens.json")
     args = parser.parse_args()
