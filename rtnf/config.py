@@ -158,14 +158,48 @@ class WindowsConfig:
 
 @dataclass
 class ModelConfig:
+    """The architecture preset, a pretrained checkpoint, and optional overrides of the preset
+    (None: the preset's value; `rtnf info --preset NAME` shows them)."""
+
     preset: Literal["rt-small", "paper"] = "rt-small"
     checkpoint: str = ""
+    n_embd: int | None = field(default=None, metadata=positive("a positive width"))
+    n_head: int | None = field(default=None, metadata=positive("a positive number of heads"))
+    n_current_layers: int | None = field(default=None, metadata=non_negative("a count >= 0"))
+    n_history_layers: int | None = field(default=None, metadata=non_negative("a count >= 0"))
+    n_frame_encoder_layers: int | None = field(default=None, metadata=non_negative("a count >= 0"))
+    n_frame_layers: int | None = field(default=None, metadata=non_negative("a count >= 0"))
+    n_behavior_layers: int | None = field(default=None, metadata=non_negative("a count >= 0"))
+    n_decoder_layers: int | None = field(default=None, metadata=non_negative("a count >= 0"))
+    dropout: float | None = field(default=None, metadata=fraction())
+    frame_window: float | None = field(default=None, metadata=positive("a positive duration"))
+    temperature: float | None = field(default=None, metadata=positive("a positive temperature"))
 
 
 @dataclass
 class DecodingConfig:
     targets: list[str] = field(default_factory=lambda: ["speed", "gaze_phi", "gaze_theta"])
+    inputs: list[str] = field(default_factory=list)
     objective: Literal["regression", "classification"] = "regression"
+    classes: int = field(default=8, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation for `rtnf pretrain` (AdamW, warmup then cosine decay to 10%)."""
+
+    batch_size: int = field(default=32, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    learning_rate: float = field(default=3e-4, metadata=positive("a positive learning rate"))
+    weight_decay: float = field(default=0.1, metadata=non_negative())
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = field(default=100, metadata=non_negative("a step count >= 0"))
+    max_steps: int = field(default=2000, metadata=positive("a positive step count"))
+    minutes: float = field(default=0.0, metadata=non_negative("minutes >= 0 (0: no limit)"))
+    grad_clip: float = field(default=1.0, metadata=positive("a positive gradient norm"))
+    validation_fraction: float = field(default=0.1, metadata=fraction())
+    eval_every: int = field(default=100, metadata=positive("a positive step count"))
+    seed: int = 0
+    amp: bool = True
 
 
 @dataclass
@@ -241,6 +275,7 @@ class Config:
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
@@ -272,10 +307,18 @@ def _cross_checks(config: Config) -> None:
         raise ConfigError(f"windows.hop = {w.hop}: expected at most windows.current "
                           f"({w.current} s), or spikes between windows would be skipped")
     known = {"speed", "gaze_phi", "gaze_theta"}
-    for i, target in enumerate(config.decoding.targets):
-        if target not in known:
-            raise ConfigError(f"decoding.targets[{i}] = {target!r}: expected one of "
-                              f"{sorted(known)}")
+    for key in ("targets", "inputs"):
+        for i, name in enumerate(getattr(config.decoding, key)):
+            if name not in known:
+                raise ConfigError(f"decoding.{key}[{i}] = {name!r}: expected one of "
+                                  f"{sorted(known)}")
+    both = sorted(set(config.decoding.targets) & set(config.decoding.inputs))
+    if both:
+        raise ConfigError(f"decoding.inputs = {config.decoding.inputs}: {both} cannot be both "
+                          "a decoding target and a model input")
+    if len(config.training.betas) != 2 or not all(0 <= b < 1 for b in config.training.betas):
+        raise ConfigError(f"training.betas = {config.training.betas}: expected two numbers in "
+                          "[0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +386,8 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping of settings"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
@@ -378,6 +423,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             except ConfigError:
                 continue
         raise bad()
+    if tp is type(None):
+        if value is not None:
+            raise bad()
+        return None
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
@@ -412,7 +461,7 @@ def _build(cls: type, data: dict, path: str) -> Any:
             raise ConfigError(f"unknown key '{where}'{hint}")
         converted = _convert(hints[key], value, where)
         check = fields[key].metadata.get("check")
-        if check is not None and not check[0](converted):
+        if check is not None and converted is not None and not check[0](converted):
             raise ConfigError(f"{where} = {value!r}: expected {check[1]}")
         kwargs[key] = converted
     return cls(**kwargs)

@@ -161,6 +161,27 @@ def window_ends(start: float, end: float, windows: WindowsConfig,
     return _to_seconds(np.arange(first, last + 1, hop, dtype=np.int64), windows.dt_resolution)
 
 
+def window_start_bins(ends: np.ndarray, spec: TokenSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute bin indices (int64) of the current and history windows' starts for `ends`.
+
+    Bins count `dt_resolution` steps on one grid for all windows of a stream (the grid of the
+    window starts, which differ by whole bins), so a token's absolute bin, its window's start bin
+    plus its dt, is the same in every window that holds the spike.
+    """
+    end_ticks = _to_ticks(np.atleast_1d(ends), spec.dt_resolution)
+    end_bins = end_ticks // TICKS_PER_BIN  # floor: the same offset for every end on one grid
+    return (end_bins - spec.current.bins_before_end, end_bins - spec.history.bins_before_end)
+
+
+def absolute_bins(spike_times: np.ndarray, window_end: float, spec: TokenSpec) -> np.ndarray:
+    """Absolute bins (int64) of spikes on the grid of `window_start_bins` for windows ending at
+    `window_end` (or any end a whole number of bins from it): the start bin of any window plus
+    the spike's dt in that window."""
+    end_tick = int(_to_ticks(window_end, spec.dt_resolution))
+    offset = end_tick % TICKS_PER_BIN
+    return (_to_ticks(spike_times, spec.dt_resolution) - offset) // TICKS_PER_BIN
+
+
 # ---------------------------------------------------------------------------------------------
 # Spikes -> tokens
 # ---------------------------------------------------------------------------------------------
