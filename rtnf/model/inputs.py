@@ -49,17 +49,18 @@ class ModelTargets:
 
 
 def inputs_from_tokens(tokens: SampleTokens, ends: np.ndarray, spec: TokenSpec,
-                       unit_rows: np.ndarray, session_row: int,
+                       unit_rows: np.ndarray | torch.Tensor, session_row: int | torch.Tensor,
                        frames: np.ndarray | None = None,
                        behavior_inputs: np.ndarray | None = None) -> ModelInputs:
     """`ModelInputs` for windows ending at `ends`, tokenized as `tokens` (a batch)."""
     current_start, history_start = window_start_bins(ends, spec)
 
-    def tensor(array: np.ndarray | None, dtype: torch.dtype = torch.long) -> torch.Tensor | None:
-        return None if array is None else torch.as_tensor(np.asarray(array), dtype=dtype)
+    def tensor(array: np.ndarray | torch.Tensor | None, dtype: torch.dtype = torch.long
+               ) -> torch.Tensor | None:
+        return None if array is None else torch.as_tensor(array, dtype=dtype)
 
     return ModelInputs(
-        unit_rows=tensor(unit_rows), session_row=torch.tensor(session_row),
+        unit_rows=tensor(unit_rows), session_row=tensor(session_row),
         current_units=tensor(tokens.current.units), current_dts=tensor(tokens.current.dts),
         current_start_bin=tensor(current_start),
         history_units=tensor(tokens.history.units), history_dts=tensor(tokens.history.dts),
