@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -44,6 +45,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.preset is not None:
+        return _model_info(args)
+    if args.file is None:
+        raise RtnfError("rtnf info: give a session FILE or --preset NAME")
     from rtnf.data.io import read_session
     from rtnf.data.summary import format_summary, summarize
 
@@ -51,6 +56,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     session = read_session(args.file, nwb_names=config.rig.nwb, xdf_names=config.rig.xdf)
     summary = {"file": str(args.file), **summarize(session)}
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from rtnf.model.summary import format_model_summary, model_summary
+
+    config = load_config(args.config or (), [*(args.set or ()), f"model.preset={args.preset}"])
+    summary = model_summary(config, n_units=args.units or config.simulation.neurons)
+    print(json.dumps(summary, indent=2) if args.json else format_model_summary(summary))
+    return 0
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rtnf.train.loop import Distributed
+    from rtnf.train.pretrain import DEFAULT_RECIPE, format_summary, load_sessions, pretrain
+
+    if bool(args.data) == args.simulated:
+        raise RtnfError("rtnf pretrain: give --data FILES_OR_DIRS or --simulated (not both)")
+    flags = [f"model.preset={args.preset}"] if args.preset else []
+    flags += [f"training.{key}={getattr(args, key)}" for key in ("max_steps", "minutes")
+              if getattr(args, key) is not None]
+    recipe = DEFAULT_RECIPE if args.simulated and args.default_recipe else []
+    config = load_config(args.config or (), [*recipe, *(args.set or ()), *flags])
+    if args.simulated:
+        from rtnf.data.sim import simulate
+
+        sessions = simulate(config.simulation, config.rig.profile)
+    else:
+        sessions = load_sessions(args.data, config)
+    distributed = Distributed.from_environment()
+    interrupted = threading.Event()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: interrupted.set())
+    summary = pretrain(sessions, config, args.out, resume=args.resume, distributed=distributed,
+                       show_progress=not args.json, should_stop=lambda _: interrupted.is_set())
+    if distributed.main:
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
 
@@ -129,10 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(handler=cmd_config_check)
 
-    info = commands.add_parser("info", parents=[common], help="summarise a session file")
-    info.add_argument("file", type=Path, help="session file (.nwb, .xdf, .npz)")
+    info = commands.add_parser("info", parents=[common],
+                               help="summarise a session file or a model preset")
+    info.add_argument("file", type=Path, nargs="?", help="session file (.nwb, .xdf, .npz)")
+    info.add_argument("--preset", help="describe this model preset instead (rt-small, paper)")
+    info.add_argument("--units", type=int,
+                      help="--preset: units the model is sized for (default simulation.neurons)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
+
+    pre = commands.add_parser("pretrain", parents=[common],
+                              help="pretrain a model on sessions (single process or torchrun)")
+    pre.add_argument("--data", nargs="+", metavar="FILE_OR_DIR",
+                     help="session files, or directories of them")
+    pre.add_argument("--simulated", action="store_true",
+                     help="train on sessions of the simulated rig (the simulation section)")
+    pre.add_argument("--default-recipe", action="store_true",
+                     help="with --simulated: the recipe of the default pretrained checkpoint")
+    pre.add_argument("--preset", help="model preset (default: model.preset)")
+    pre.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    pre.add_argument("--max-steps", type=int, help="optimiser steps (training.max_steps)")
+    pre.add_argument("--minutes", type=float, help="wall-time limit (training.minutes)")
+    pre.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    pre.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pre.set_defaults(handler=cmd_pretrain)
 
     sim = commands.add_parser("simulate", parents=[common],
                               help="simulate a rig: write session files and/or stream live")

@@ -131,10 +131,13 @@ def test_tokens_and_start_bins_match_the_tokenizer(data: TrainingData,
     spec = TokenSpec.from_config(config.windows, session.n_units)
     expected = tokenize_windows(session.spike_times, session.spike_unit_index,
                                 windows.ends[indices], spec)
-    assert np.array_equal(inputs.current_units.numpy(), expected.current.units)
-    assert np.array_equal(inputs.current_dts.numpy(), expected.current.dts)
-    assert np.array_equal(inputs.history_units.numpy(), expected.history.units)
-    assert np.array_equal(inputs.history_dts.numpy(), expected.history.dts)
+    # The batch drops only the padding columns that every window of it has.
+    current, history = inputs.current_units.shape[1], inputs.history_units.shape[1]
+    assert current == expected.current.lengths.max() and history == expected.history.lengths.max()
+    assert np.array_equal(inputs.current_units.numpy(), expected.current.units[:, :current])
+    assert np.array_equal(inputs.current_dts.numpy(), expected.current.dts[:, :current])
+    assert np.array_equal(inputs.history_units.numpy(), expected.history.units[:, :history])
+    assert np.array_equal(inputs.history_dts.numpy(), expected.history.dts[:, :history])
     current_start, history_start = window_start_bins(windows.ends[indices], spec)
     assert np.array_equal(inputs.current_start_bin.numpy(), current_start)
     assert np.array_equal(inputs.history_start_bin.numpy(), history_start)
@@ -293,8 +296,9 @@ def test_batches_hold_one_session_and_repeat_for_a_seed(data: TrainingData) -> N
             data.batches("train", batch_size, np.random.default_rng(3), True), epoch):
         windows = data.train[row]
         positions = np.searchsorted(windows.current_start_bin, bins)
+        history = windows.tokens.history.units[positions]  # one session's windows
         assert np.array_equal(inputs.history_units.numpy(),
-                              windows.tokens.history.units[positions])  # one session's windows
+                              history[:, :inputs.history_units.shape[1]])
         assert inputs.unit_rows is windows.unit_rows
         assert len(targets.behavior) == len(bins) >= 2
 

@@ -114,6 +114,9 @@ def test_causal_and_padding_masks(session, token_spec):
                                               value=session.n_units + 2),
         history_dts=torch.nn.functional.pad(inputs.history_dts, (0, 25), value=17))
     torch.testing.assert_close(model(padded).log_rates, reference.log_rates)
+    trimmed = padded.trimmed()  # and dropping the padding every window has changes nothing
+    assert trimmed.history_units.shape[1] < padded.history_units.shape[1]
+    torch.testing.assert_close(model(trimmed).behavior, reference.behavior)
 
 
 def test_history_time_encoding_is_shift_invariant(session, token_spec):

@@ -9,6 +9,7 @@ window's start bin plus its dt, which is what the rotary time encoding of the hi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -33,6 +34,18 @@ class ModelInputs:
     @property
     def n_units(self) -> int:
         return int(self.unit_rows.shape[0])
+
+    def trimmed(self) -> ModelInputs:
+        """The same windows without the padding columns that every window has (attention
+        masks make them inert, so outputs are unchanged, but they cost compute)."""
+        pad = self.n_units + 2
+        current = int((self.current_units != pad).sum(dim=1).max())
+        history = int((self.history_units != pad).sum(dim=1).max())
+        return dataclasses.replace(
+            self, current_units=self.current_units[:, :current],
+            current_dts=self.current_dts[:, :current],
+            history_units=self.history_units[:, :history],
+            history_dts=self.history_dts[:, :history])
 
     def to(self, device: torch.device | str) -> ModelInputs:
         return ModelInputs(**{f.name: None if getattr(self, f.name) is None

@@ -249,6 +249,11 @@ class SessionWindows:
         counts = np.bincount(rows * n_units + units, minlength=indices.size * n_units)
         return counts.reshape(indices.size, n_units)
 
+    def mean_next_counts(self) -> np.ndarray:
+        """Each unit's mean spike count per next window over these windows (N,): the
+        per-unit mean-rate forecast that bits/spike is measured against."""
+        return self.next_counts(np.arange(len(self))).mean(axis=0)
+
     def frames(self, indices: np.ndarray) -> np.ndarray:
         """The stimulus clips of the windows at `indices`: uint8 (B, T, H, W)."""
         clips = self.frame_clips[indices]
@@ -263,7 +268,7 @@ class SessionWindows:
             self.tokens[indices], self.ends[indices], self.spec, self.unit_rows, self.session_row,
             frames=None if self.frame_clips is None else self.frames(indices),
             behavior_inputs=None if self.behavior_inputs is None
-            else self.behavior_inputs[indices])
+            else self.behavior_inputs[indices]).trimmed()
         targets = ModelTargets(
             behavior=torch.from_numpy(self.behavior_targets[indices]),
             next_counts=torch.from_numpy(self.next_counts(indices).astype(np.float32)),
