@@ -99,6 +99,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from rtnf.bench.model_speed import format_table, run
+
+    flags = [f"model.preset={args.preset}"] if args.preset else []
+    config = load_config(args.config or (), [*(args.set or ()), *flags])
+    torch.set_num_threads(args.threads or config.engine.threads)
+    report = run(config, repeats=args.repeats)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
 # ----------------------------------------------------------------------------- simulate
 
 
@@ -198,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
     pre.set_defaults(handler=cmd_pretrain)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    model = bench_commands.add_parser("model", parents=[common],
+                                      help="model speed: decode, sliding history, generation")
+    model.add_argument("--preset", help="model preset (default: model.preset)")
+    model.add_argument("--repeats", type=int, default=100, help="windows timed per figure")
+    model.add_argument("--threads", type=int, help="torch threads (default: engine.threads)")
+    model.add_argument("--out", type=Path, help="also write the JSON report here")
+    model.add_argument("--json", action="store_true", help="print the JSON report")
+    model.set_defaults(handler=cmd_bench_model)
 
     sim = commands.add_parser("simulate", parents=[common],
                               help="simulate a rig: write session files and/or stream live")

@@ -107,3 +107,26 @@ def test_operator_errors_are_one_line(tmp_path, args, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rtnf: error: "), result.stderr
     assert needle in lines[0]
+
+
+def test_info_preset_reports_architecture_and_parameters():
+    paper = json.loads(rtnf("info", "--preset", "paper", "--json").stdout)
+    assert paper["preset"] == "paper" and 20e6 <= paper["parameters"] <= 30e6
+    assert paper["spec"]["n_embd"] == 256 and paper["spec"]["n_head"] == 8
+    small = rtnf("info", "--preset", "rt-small")
+    assert small.returncode == 0 and "rt-small" in small.stdout and "parameters" in small.stdout
+    unknown = rtnf("info", "--preset", "huge")
+    assert unknown.returncode == 2 and "model.preset = 'huge'" in unknown.stderr
+
+
+def test_bench_model_reports_cache_and_history_figures(tmp_path):
+    out = tmp_path / "speed.json"
+    result = rtnf("bench", "model", "--repeats", "3", "--json", "--out", str(out),
+                  "--set", "model.n_embd=32", "--set", "model.n_head=2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads(out.read_text())
+    assert report["kv_speedup"] > 0 and report["history_ratio"] > 0  # figures, not targets
+    for name in ("decode_64_tokens", "slide_history_0.15s", "slide_history_1s",
+                 "generate_98_cached", "generate_98_recomputed"):
+        assert report["figures"][name]["runs"] >= 3

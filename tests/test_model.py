@@ -173,6 +173,8 @@ def test_generated_windows_are_well_formed(session, token_spec):
         spike_dts = dts[1:count + 1]
         assert bool((spike_dts < 5).all()) and bool((spike_dts[1:] >= spike_dts[:-1]).all())
         assert count <= WINDOWS.current_capacity - 2
+    fixed = generate_window(model, inputs, Sampling(), torch.Generator().manual_seed(2), spikes=7)
+    assert fixed.n_spikes.tolist() == [7] * 4 and bool((fixed.units[:, 8] == n + 1).all())
 
 
 def test_generate_ahead_feeds_generated_spikes_back(session, token_spec):

@@ -5,7 +5,8 @@ and dt from the same position's logits (temperature, top-k, top-p or greedy), un
 window's capacity. With `use_cache` (the default) each step runs only the new token through the
 model: the causal layers' keys/values of earlier tokens come from `KVCache`s and the history /
 frames / behaviour keys/values from one `Context` per window. Without it every step recomputes
-the whole prefix (the original implementation's way; kept for the benchmark's comparison).
+the whole model on the whole prefix, context included (the original implementation's way; kept
+as the reference the cache is measured and tested against).
 Generated tokens are kept well formed: units are real units or EOS, dts are real bins (never
 earlier than the previous token's, since tokens are ordered by time) or EOS.
 
@@ -81,14 +82,20 @@ def _allowed_dts(logits: torch.Tensor, n_bins: int, previous: torch.Tensor) -> t
 @torch.inference_mode()
 def generate_window(model: Neuroformer, inputs: ModelInputs, sampling: Sampling = Sampling(),
                     generator: torch.Generator | None = None, use_cache: bool = True,
-                    context: Context | None = None) -> GeneratedWindow:
+                    context: Context | None = None, spikes: int | None = None
+                    ) -> GeneratedWindow:
     """Generate the current window's tokens of `inputs` (its `current_*` tokens are ignored,
-    but for `current_start_bin`), conditioned on its history, frames and behaviour inputs."""
+    but for `current_start_bin`), conditioned on its history, frames and behaviour inputs.
+
+    `spikes`: generate exactly this many spikes per window (EOS is held back until then), e.g.
+    to time generation at a fixed length.
+    """
     n_units, n_bins = inputs.n_units, model.dims.current_bins
     sos, eos, pad = n_units, n_units + 1, n_units + 2
     batch, capacity = inputs.current_start_bin.shape[0], model.dims.current_capacity
     device = inputs.current_start_bin.device
-    context = model.context(inputs) if context is None else context
+    if use_cache and context is None:
+        context = model.context(inputs)
     units = torch.full((batch, capacity), pad, dtype=torch.long, device=device)
     dts = torch.full((batch, capacity), n_bins + 2, dtype=torch.long, device=device)
     units[:, 0], dts[:, 0] = sos, n_bins
@@ -96,15 +103,23 @@ def generate_window(model: Neuroformer, inputs: ModelInputs, sampling: Sampling 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     n_spikes = torch.zeros(batch, dtype=torch.long, device=device)
     previous_dt = torch.zeros(batch, dtype=torch.long, device=device)
-    for step in range(capacity - 1):
+    last_step = capacity - 1 if spikes is None else min(capacity - 1, spikes + 1)
+    for step in range(last_step):
         start = step if use_cache else 0
         states = model.hidden_states(units[:, start:step + 1], dts[:, start:step + 1],
                                      inputs.current_start_bin, inputs.unit_rows,
-                                     inputs.session_row, context, caches, position=start)
+                                     inputs.session_row,
+                                     context if use_cache else model.context(inputs),
+                                     caches, position=start)
         unit_logits, dt_logits = model.token_logits(states[:, -1], inputs.unit_rows)
-        unit = sample(_allowed_units(unit_logits, n_units), sampling, generator)
-        dt = sample(_allowed_dts(dt_logits, n_bins, previous_dt), sampling, generator)
-        ends = (unit == eos) | (dt == n_bins + 1) | (step + 1 == capacity - 1)
+        unit_logits = _allowed_units(unit_logits, n_units)
+        dt_logits = _allowed_dts(dt_logits, n_bins, previous_dt)
+        if spikes is not None and step < spikes:  # hold EOS back
+            unit_logits[:, eos] = float("-inf")
+            dt_logits[:, n_bins + 1] = float("-inf")
+        unit = sample(unit_logits, sampling, generator)
+        dt = sample(dt_logits, sampling, generator)
+        ends = (unit == eos) | (dt == n_bins + 1) | (step + 1 == last_step)
         units[:, step + 1] = torch.where(finished, pad, torch.where(ends, eos, unit))
         dts[:, step + 1] = torch.where(finished, n_bins + 2, torch.where(ends, n_bins + 1, dt))
         n_spikes += (~finished & ~ends).long()

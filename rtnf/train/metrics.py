@@ -1,4 +1,4 @@
-"""Decoding-quality metrics: Poisson log-likelihood, bits per spike, Pearson r, R^2.
+"""Decoding-quality metrics: Poisson log-likelihood, bits per spike, Pearson r, R^2, AUROC.
 
 Bits per spike (as in the Neural Latents Benchmark) compares predicted expected counts with a
 baseline forecast, usually each unit's mean count per window on the training data:
@@ -49,3 +49,21 @@ def r_squared(predicted: np.ndarray, actual: np.ndarray) -> float:
     residual = np.sum((actual - predicted) ** 2)
     total = np.sum((actual - actual.mean(axis=0)) ** 2)
     return float(1.0 - residual / total) if total > 0 else 0.0
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for boolean `labels` (rank-based Mann-Whitney U).
+
+    The probability that a positive scores above a negative, ties counting one half (tied
+    scores share their average rank); 0.5 is chance. NaN when either class is empty.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    _, tie_group, tie_sizes = np.unique(scores, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(tie_sizes)  # ranks are 1-based
+    ranks = (last_rank - (tie_sizes - 1) / 2.0)[tie_group]
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))

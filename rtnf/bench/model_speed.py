@@ -1,0 +1,197 @@
+"""`rtnf bench model`: how fast the model's hot calls are on this machine (torch, eager).
+
+Measured on a simulated 2p session (386 units), batch 1, `torch.inference_mode`, the
+configurations interleaved repeat by repeat so machine noise falls on all of them alike:
+
+- decode: one window (64 current tokens, 150 ms of real history, the stimulus clip), the full
+  forward pass that decodes behaviour and next-window rates;
+- per-window decode as the window slides, with the history's keys/values cached per spike
+  (`HistoryCache`), at 150 ms and at 1 s of history: `history_ratio` = 1 s / 150 ms;
+- a whole next-window generation of 10, 30 and 98 spikes with the KV cache and without it
+  (every step recomputes the whole model on the prefix, as the original implementation does):
+  `kv_speedup` = without / with, at 98 spikes.
+
+The original implementation's figures (paper-size model, 1 CPU thread: 1.1 s, 3.6 s, 12.4 s to
+generate windows of 10, 30, 98 spikes) are quoted from BENCHMARKS.md for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rtnf.config import Config, SimulationConfig, load_config
+from rtnf.data.session import Session
+from rtnf.data.sim import simulate
+from rtnf.model.generation import Sampling, generate_window
+from rtnf.model.history import HistoryCache
+from rtnf.model.inputs import ModelInputs, inputs_from_tokens
+from rtnf.model.neuroformer import Neuroformer
+from rtnf.model.spec import dims_from_config, frames_per_clip, spec_from_config
+from rtnf.tokens import (SampleTokens, TokenSpec, absolute_bins, tokenize_window,
+                         tokenize_windows, window_ends)
+
+ORIGINAL_GENERATION_S = {10: 1.1, 30: 3.6, 98: 12.4}
+GENERATION_SPIKES = (10, 30, 98)
+DECODE_TOKENS = 64
+HISTORIES_S = (0.15, 1.0)
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max()), "runs": int(ms.size)}
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def _with_current_length(tokens: SampleTokens, count: int, spec: TokenSpec) -> SampleTokens:
+    """`tokens` with the current sequence replaced by exactly `count` tokens (SOS, count - 2
+    spikes of successive units spread evenly over the window's bins, EOS), so every preset and
+    machine decodes the same length; the history stays the real one."""
+    layout, spikes = spec.current, count - 2
+    units = np.full((1, layout.capacity), spec.unit_pad, dtype=np.int64)
+    dts = np.full((1, layout.capacity), layout.dt_pad, dtype=np.int64)
+    units[0, 0], dts[0, 0] = spec.unit_sos, layout.dt_sos
+    units[0, 1:spikes + 1] = np.arange(spikes) % spec.n_units
+    dts[0, 1:spikes + 1] = np.arange(spikes) * layout.n_bins // spikes
+    units[0, spikes + 1], dts[0, spikes + 1] = spec.unit_eos, layout.dt_eos
+    current = dataclasses.replace(tokens.current, units=units, dts=dts,
+                                  n_spikes=np.array([spikes]), truncated=np.array([0]))
+    return dataclasses.replace(tokens, current=current)
+
+
+class _Rig:
+    """A session, a model and the means to build one window's inputs for it."""
+
+    def __init__(self, config: Config, session: Session, history_s: float):
+        self.config = load_config(overrides=[f"windows.history={history_s}",
+                                             *_as_overrides(config)])
+        self.session = session
+        self.spec = TokenSpec.from_config(self.config.windows, session.n_units)
+        self.unit_rows = torch.arange(session.n_units)
+        self.frame_clip = frames_per_clip(spec_from_config(config).frame_window,
+                                          config.simulation.frame_rate,
+                                          spec_from_config(config).frame_kernel[0])
+
+    def clip(self, end: float) -> np.ndarray:
+        frames = self.session.frames
+        last = int(np.searchsorted(frames.timestamps, end)) - 1
+        picks = np.clip(np.arange(last - self.frame_clip + 1, last + 1), 0, None)
+        return frames.images[picks][None]
+
+    def inputs(self, end: float, tokens: SampleTokens | None = None) -> ModelInputs:
+        if tokens is None:
+            tokens = tokenize_window(self.session.spike_times, self.session.spike_unit_index,
+                                     end, self.spec)[None]
+        return inputs_from_tokens(tokens, np.array([end]), self.spec, self.unit_rows, 0,
+                                  self.clip(end)).trimmed()
+
+
+def _as_overrides(config: Config) -> list[str]:
+    return [f"model.preset={config.model.preset}", *(
+        f"model.{f.name}={getattr(config.model, f.name)}"
+        for f in dataclasses.fields(config.model)
+        if f.name not in ("preset", "checkpoint") and getattr(config.model, f.name) is not None)]
+
+
+@torch.inference_mode()
+def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, Any]:
+    """Every figure of the module docstring for `config.model`'s preset."""
+    torch.manual_seed(0)
+    (session,) = simulate(SimulationConfig(neurons=386, minutes=minutes, seed=0), "2p")
+    rigs = {h: _Rig(config, session, h) for h in HISTORIES_S}
+    short = rigs[HISTORIES_S[0]]
+    spec = spec_from_config(config)
+    dims = dims_from_config(short.config, session.frames.images.shape[1:],
+                            config.simulation.frame_rate, spec)
+    model = Neuroformer(spec, dims, n_units=session.n_units, n_sessions=1).eval()
+
+    ends = window_ends(session.start_time, session.end_time, short.config.windows,
+                       full_history=True)
+    ends = ends[ends >= HISTORIES_S[-1] + short.config.windows.current][:repeats + 1]
+    decode_end = float(ends[0])
+    decode_inputs = short.inputs(decode_end, _with_current_length(
+        tokenize_window(session.spike_times, session.spike_unit_index, decode_end,
+                        short.spec)[None], DECODE_TOKENS, short.spec))
+
+    caches = {h: HistoryCache(model, rig.unit_rows, torch.tensor(0), rig.spec)
+              for h, rig in rigs.items()}
+    added_until = {h: -np.inf for h in HISTORIES_S}
+    times: dict[str, list[float]] = {}
+
+    def slide(history_s: float, end: float) -> None:
+        """One hop of the loop: add the spikes that entered the history, decode the window."""
+        rig, cache = rigs[history_s], caches[history_s]
+        history_end = end - rig.config.windows.current
+        new = (session.spike_times >= added_until[history_s]) & (
+            session.spike_times < history_end)
+        cache.add(session.spike_unit_index[new], absolute_bins(session.spike_times[new], end,
+                                                                rig.spec))
+        added_until[history_s] = history_end
+        inputs = rig.inputs(end)
+        model(inputs, model.context(inputs, history=cache.window(
+            int(inputs.history_start_bin[0]))))
+
+    model(decode_inputs)  # warm-up
+    for end in ends:
+        end = float(end)
+        times.setdefault("decode_64_tokens", []).append(_timed(lambda: model(decode_inputs)))
+        for history_s in HISTORIES_S:
+            times.setdefault(f"slide_history_{history_s:g}s", []).append(
+                _timed(lambda: slide(history_s, end)))
+    generation_inputs = short.inputs(decode_end)
+    for repeat in range(max(3, repeats // 10)):
+        for spikes in GENERATION_SPIKES:
+            for use_cache in (True, False):
+                name = f"generate_{spikes}_{'cached' if use_cache else 'recomputed'}"
+                generator = torch.Generator().manual_seed(repeat)
+                times.setdefault(name, []).append(_timed(lambda: generate_window(
+                    model, generation_inputs, Sampling(), generator, use_cache=use_cache,
+                    spikes=spikes)))
+
+    figures = {name: _percentiles(values) for name, values in times.items()}
+    slide_short, slide_long = (figures[f"slide_history_{h:g}s"]["median_ms"]
+                               for h in HISTORIES_S)
+    kv = {spikes: figures[f"generate_{spikes}_recomputed"]["median_ms"]
+          / figures[f"generate_{spikes}_cached"]["median_ms"] for spikes in GENERATION_SPIKES}
+    return {
+        "benchmark": "model_speed",
+        "preset": config.model.preset,
+        "parameters": model.parameter_count(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "setup": {"units": session.n_units, "profile": "2p", "decode_tokens": DECODE_TOKENS,
+                  "histories_s": list(HISTORIES_S), "repeats": len(ends),
+                  "mean_history_spikes": {f"{h:g}s": float(np.mean(
+                      tokenize_windows(session.spike_times, session.spike_unit_index, ends,
+                                       rigs[h].spec).history.n_spikes)) for h in HISTORIES_S}},
+        "figures": figures,
+        "kv_speedup": kv[GENERATION_SPIKES[-1]],
+        "kv_speedup_by_spikes": {str(k): v for k, v in kv.items()},
+        "history_ratio": slide_long / slide_short,
+        "original_generation_s": {str(k): v for k, v in ORIGINAL_GENERATION_S.items()},
+        "targets": {"kv_speedup >= 10": kv[GENERATION_SPIKES[-1]] >= 10,
+                    "history_ratio <= 1.25": slide_long / slide_short <= 1.25},
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"model speed: {report['preset']} ({report['parameters'] / 1e6:.2f}M parameters), "
+             f"torch {report['machine']['torch']}, {report['machine']['threads']} threads",
+             "| call | median ms | p99 ms | max ms | runs |", "|---|---:|---:|---:|---:|"]
+    for name, figure in report["figures"].items():
+        lines.append(f"| {name} | {figure['median_ms']:.2f} | {figure['p99_ms']:.2f} "
+                     f"| {figure['max_ms']:.2f} | {figure['runs']} |")
+    lines.append(f"kv_speedup (98 spikes, recomputed / cached) = {report['kv_speedup']:.1f}x; "
+                 f"history_ratio (1 s / 150 ms history) = {report['history_ratio']:.2f}")
+    return "\n".join(lines)
