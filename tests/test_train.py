@@ -119,3 +119,21 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, pretrained):
         load_checkpoint(broken)
     assert torch.equal(load_checkpoint(out).model.unit_embedding.weight,
                        load_checkpoint(out).model.unit_embedding.weight)
+
+
+def test_default_checkpoint_is_built_once_and_cached(tmp_path, monkeypatch):
+    from rtnf.train import pretrain as pretrain_module
+
+    monkeypatch.setenv("RTNF_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrain_module, "DEFAULT_RECIPE",
+                        [*TINY, "simulation.sessions=1", "training.max_steps=6",
+                         "training.eval_every=3"])
+    config = load_config(overrides=["model.preset=rt-small"])
+    directory = pretrain_module.default_checkpoint(config, show_progress=False)
+    assert directory.parent == tmp_path / "pretrained" and directory.name.startswith("sim-rt-")
+    stamp = (directory / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_module.default_checkpoint(config, show_progress=False) == directory
+    assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
+    assert load_checkpoint(directory).summary["step"] == 6
+    other = load_config(overrides=["model.preset=rt-small", "windows.history=0.3"])
+    assert pretrain_module.default_checkpoint_dir(other) != directory  # keyed by windows
