@@ -77,6 +77,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if bool(args.data) == args.simulated:
         raise RtnfError("rtnf pretrain: give --data FILES_OR_DIRS or --simulated (not both)")
+    if args.default_recipe and not args.simulated:
+        raise RtnfError("rtnf pretrain: --default-recipe goes with --simulated")
     flags = [f"model.preset={args.preset}"] if args.preset else []
     flags += [f"training.{key}={getattr(args, key)}" for key in ("max_steps", "minutes")
               if getattr(args, key) is not None]
@@ -92,8 +94,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     interrupted = threading.Event()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: interrupted.set())
-    summary = pretrain(sessions, config, args.out, resume=args.resume, distributed=distributed,
-                       show_progress=not args.json, should_stop=lambda _: interrupted.is_set())
+    try:
+        summary = pretrain(sessions, config, args.out, resume=args.resume,
+                           distributed=distributed, show_progress=not args.json,
+                           should_stop=lambda _: interrupted.is_set())
+    finally:
+        distributed.close()
     if distributed.main:
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

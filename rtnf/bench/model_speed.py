@@ -32,9 +32,9 @@ from rtnf.model.generation import Sampling, generate_window
 from rtnf.model.history import HistoryCache
 from rtnf.model.inputs import ModelInputs, inputs_from_tokens
 from rtnf.model.neuroformer import Neuroformer
-from rtnf.model.spec import dims_from_config, frames_per_clip, spec_from_config
-from rtnf.tokens import (SampleTokens, TokenSpec, absolute_bins, tokenize_window,
-                         tokenize_windows, window_ends)
+from rtnf.model.spec import dims_from_config, spec_from_config
+from rtnf.tokens import SampleTokens, TokenSpec, absolute_bins, window_ends
+from rtnf.train.dataset import Normalization, SessionWindows, behavior_before
 
 ORIGINAL_GENERATION_S = {10: 1.1, 30: 3.6, 98: 12.4}
 GENERATION_SPIKES = (10, 30, 98)
@@ -70,34 +70,19 @@ def _with_current_length(tokens: SampleTokens, count: int, spec: TokenSpec) -> S
     return dataclasses.replace(tokens, current=current)
 
 
-class _Rig:
-    """A session, a model and the means to build one window's inputs for it."""
-
-    def __init__(self, config: Config, session: Session, history_s: float):
-        self.config = load_config(overrides=[f"windows.history={history_s}",
-                                             *_as_overrides(config)])
-        self.session = session
-        self.spec = TokenSpec.from_config(self.config.windows, session.n_units)
-        self.unit_rows = torch.arange(session.n_units)
-        self.frame_clip = frames_per_clip(spec_from_config(config).frame_window,
-                                          config.simulation.frame_rate,
-                                          spec_from_config(config).frame_kernel[0])
-
-    def clip(self, end: float) -> np.ndarray:
-        frames = self.session.frames
-        last = int(np.searchsorted(frames.timestamps, end)) - 1
-        picks = np.clip(np.arange(last - self.frame_clip + 1, last + 1), 0, None)
-        return frames.images[picks][None]
-
-    def inputs(self, end: float, tokens: SampleTokens | None = None) -> ModelInputs:
-        if tokens is None:
-            tokens = tokenize_window(self.session.spike_times, self.session.spike_unit_index,
-                                     end, self.spec)[None]
-        return inputs_from_tokens(tokens, np.array([end]), self.spec, self.unit_rows, 0,
-                                  self.clip(end)).trimmed()
+def _windows(config: Config, session: Session, ends: np.ndarray, history_s: float
+             ) -> SessionWindows:
+    """The session's windows ending at `ends`, with `history_s` of history, ready to batch."""
+    config = load_config(overrides=[f"windows.history={history_s}", *_model_overrides(config)])
+    spec = TokenSpec.from_config(config.windows, session.n_units)
+    dims = dims_from_config(config, session.frames.images.shape[1:], config.simulation.frame_rate,
+                            spec_from_config(config))
+    behavior = behavior_before(session, dims.behavior_targets, ends, spec.dt_resolution)
+    return SessionWindows(session, ends, spec, dims, Normalization.fit(behavior),
+                          np.arange(session.n_units), 0, config.windows.current)
 
 
-def _as_overrides(config: Config) -> list[str]:
+def _model_overrides(config: Config) -> list[str]:
     return [f"model.preset={config.model.preset}", *(
         f"model.{f.name}={getattr(config.model, f.name)}"
         for f in dataclasses.fields(config.model)
@@ -109,47 +94,46 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
     """Every figure of the module docstring for `config.model`'s preset."""
     torch.manual_seed(0)
     (session,) = simulate(SimulationConfig(neurons=386, minutes=minutes, seed=0), "2p")
-    rigs = {h: _Rig(config, session, h) for h in HISTORIES_S}
-    short = rigs[HISTORIES_S[0]]
-    spec = spec_from_config(config)
-    dims = dims_from_config(short.config, session.frames.images.shape[1:],
-                            config.simulation.frame_rate, spec)
-    model = Neuroformer(spec, dims, n_units=session.n_units, n_sessions=1).eval()
+    current = config.windows.current
+    ends = window_ends(session.start_time, session.end_time, config.windows, full_history=True)
+    ends = ends[ends >= max(HISTORIES_S) + current][:repeats + 1]
+    windows = {h: _windows(config, session, ends, h) for h in HISTORIES_S}
+    short = windows[HISTORIES_S[0]]
+    model = Neuroformer(spec_from_config(config), short.dims, n_units=session.n_units,
+                        n_sessions=1).eval()
 
-    ends = window_ends(session.start_time, session.end_time, short.config.windows,
-                       full_history=True)
-    ends = ends[ends >= HISTORIES_S[-1] + short.config.windows.current][:repeats + 1]
-    decode_end = float(ends[0])
-    decode_inputs = short.inputs(decode_end, _with_current_length(
-        tokenize_window(session.spike_times, session.spike_unit_index, decode_end,
-                        short.spec)[None], DECODE_TOKENS, short.spec))
+    def inputs(history_s: float, index: int) -> ModelInputs:
+        return windows[history_s].batch(np.array([index]))[0]
 
-    caches = {h: HistoryCache(model, rig.unit_rows, torch.tensor(0), rig.spec)
-              for h, rig in rigs.items()}
+    decode_tokens = _with_current_length(short.tokens[:1], DECODE_TOKENS, short.spec)
+    decode_inputs = inputs_from_tokens(decode_tokens, ends[:1], short.spec, short.unit_rows, 0,
+                                       short.frames(np.array([0]))).trimmed()
+
+    caches = {h: HistoryCache(model, w.unit_rows, w.session_row, w.spec)
+              for h, w in windows.items()}
     added_until = {h: -np.inf for h in HISTORIES_S}
     times: dict[str, list[float]] = {}
 
-    def slide(history_s: float, end: float) -> None:
+    def slide(history_s: float, index: int) -> None:
         """One hop of the loop: add the spikes that entered the history, decode the window."""
-        rig, cache = rigs[history_s], caches[history_s]
-        history_end = end - rig.config.windows.current
+        cache, end = caches[history_s], float(ends[index])
+        history_end = end - current
         new = (session.spike_times >= added_until[history_s]) & (
             session.spike_times < history_end)
-        cache.add(session.spike_unit_index[new], absolute_bins(session.spike_times[new], end,
-                                                                rig.spec))
+        cache.add(session.spike_unit_index[new],
+                  absolute_bins(session.spike_times[new], end, windows[history_s].spec))
         added_until[history_s] = history_end
-        inputs = rig.inputs(end)
-        model(inputs, model.context(inputs, history=cache.window(
-            int(inputs.history_start_bin[0]))))
+        window = inputs(history_s, index)
+        model(window, model.context(window, history=cache.window(
+            int(window.history_start_bin[0]))))
 
     model(decode_inputs)  # warm-up
-    for end in ends:
-        end = float(end)
+    for index in range(len(ends)):
         times.setdefault("decode_64_tokens", []).append(_timed(lambda: model(decode_inputs)))
         for history_s in HISTORIES_S:
             times.setdefault(f"slide_history_{history_s:g}s", []).append(
-                _timed(lambda: slide(history_s, end)))
-    generation_inputs = short.inputs(decode_end)
+                _timed(lambda: slide(history_s, index)))
+    generation_inputs = inputs(HISTORIES_S[0], 0)
     for repeat in range(max(3, repeats // 10)):
         for spikes in GENERATION_SPIKES:
             for use_cache in (True, False):
@@ -172,9 +156,8 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "setup": {"units": session.n_units, "profile": "2p", "decode_tokens": DECODE_TOKENS,
                   "histories_s": list(HISTORIES_S), "repeats": len(ends),
-                  "mean_history_spikes": {f"{h:g}s": float(np.mean(
-                      tokenize_windows(session.spike_times, session.spike_unit_index, ends,
-                                       rigs[h].spec).history.n_spikes)) for h in HISTORIES_S}},
+                  "mean_history_spikes": {f"{h:g}s": float(np.mean(w.tokens.history.n_spikes))
+                                          for h, w in windows.items()}},
         "figures": figures,
         "kv_speedup": kv[GENERATION_SPIKES[-1]],
         "kv_speedup_by_spikes": {str(k): v for k, v in kv.items()},

@@ -78,6 +78,11 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group (torchrun's processes then exit cleanly)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def replicas_agree(self, model: nn.Module) -> bool:
         """Whether every rank holds the same weights (a float64 checksum of all parameters)."""
         if self.world == 1:
