@@ -20,8 +20,11 @@ from rtnf.config import Config, check_config_file, load_config
 from rtnf.errors import RtnfError
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config or (), args.set or ())
+def _config(args: argparse.Namespace, flags: Sequence[str] = (),
+            defaults: Sequence[str] = ()) -> Config:
+    """rtnf.yaml, then --config files, then `defaults`, --set overrides and the command's own
+    flags (as overrides, so they get the same checks), in that order."""
+    return load_config(args.config or (), [*defaults, *(args.set or ()), *flags])
 
 
 # ----------------------------------------------------------------------------- config
@@ -62,7 +65,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _model_info(args: argparse.Namespace) -> int:
     from rtnf.model.summary import format_model_summary, model_summary
 
-    config = load_config(args.config or (), [*(args.set or ()), f"model.preset={args.preset}"])
+    config = _config(args, [f"model.preset={args.preset}"])
     summary = model_summary(config, n_units=args.units or config.simulation.neurons)
     print(json.dumps(summary, indent=2) if args.json else format_model_summary(summary))
     return 0
@@ -82,8 +85,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     flags = [f"model.preset={args.preset}"] if args.preset else []
     flags += [f"training.{key}={getattr(args, key)}" for key in ("max_steps", "minutes")
               if getattr(args, key) is not None]
-    recipe = DEFAULT_RECIPE if args.simulated and args.default_recipe else []
-    config = load_config(args.config or (), [*recipe, *(args.set or ()), *flags])
+    config = _config(args, flags, defaults=DEFAULT_RECIPE if args.default_recipe else ())
     if args.simulated:
         from rtnf.data.sim import simulate
 
@@ -113,8 +115,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
     from rtnf.bench.model_speed import format_table, run
 
-    flags = [f"model.preset={args.preset}"] if args.preset else []
-    config = load_config(args.config or (), [*(args.set or ()), *flags])
+    config = _config(args, [f"model.preset={args.preset}"] if args.preset else [])
     torch.set_num_threads(args.threads or config.engine.threads)
     report = run(config, repeats=args.repeats)
     if args.out is not None:
@@ -146,7 +147,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
              for key in ("minutes", "neurons", "seed", "sessions") if getattr(args, key) is not None]
     if args.profile is not None:
         flags.append(f"rig.profile={args.profile}")
-    config = load_config(args.config or (), [*(args.set or ()), *flags])
+    config = _config(args, flags)
     profile = config.rig.profile
 
     sessions = simulate(config.simulation, profile)

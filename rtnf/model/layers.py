@@ -150,7 +150,9 @@ class SelfBlock(nn.Module):
         keys, values = self.attn.keys_values(normed)
         if cache is not None:
             keys, values = cache.append(keys, values)
-        mask = causal_mask(x.shape[1], keys.shape[2], x.device) if self.causal else None
+        # One new token may see every key so far: no mask needed (the cached generation step).
+        needs_mask = self.causal and x.shape[1] > 1
+        mask = causal_mask(x.shape[1], keys.shape[2], x.device) if needs_mask else None
         x = x + self.attn(normed, keys, values, mask)
         return x + self.mlp(self.ln_mlp(x))
 
