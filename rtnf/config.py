@@ -209,6 +209,13 @@ class CalibrationConfig:
     holdout_fraction: float = field(default=0.2, metadata=fraction())
     validation_fraction: float = field(default=0.1, metadata=fraction())
     require_beats_baseline: bool = True
+    max_epochs: int = field(default=30, metadata=positive("a positive number of epochs"))
+    patience: int = field(default=4, metadata=positive("a positive number of epochs"))
+    batch_size: int = field(default=32, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    learning_rate: float = field(default=3e-3, metadata=positive("a positive learning rate"))
+    unfreeze_after: int = field(default=0, metadata=non_negative("epochs >= 0 (0: never)"))
+    unfreeze_learning_rate: float = field(default=3e-4,
+                                          metadata=positive("a positive learning rate"))
 
 
 @dataclass

@@ -11,3 +11,7 @@ class ConfigError(RtnfError):
 
 class SessionFormatError(RtnfError):
     """A session file is malformed or does not hold what rtnf needs (message names file and key)."""
+
+
+class BundleError(RtnfError):
+    """A calibration bundle is missing, malformed, modified or truncated (names bundle and file)."""

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -49,7 +49,8 @@ class Checkpoint:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(temporary path)`, then rename the result to `path` (never half-written)."""
     temporary = path.with_name(path.name + ".partial")
     write(temporary)
     os.replace(temporary, path)
@@ -61,7 +62,7 @@ def save_checkpoint(checkpoint: Checkpoint, directory: str | Path) -> None:
     model = checkpoint.model
     weights = {name: tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(weights, str(p)))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(weights, str(p)))
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "rtnf_version": __version__,
         "spec": model.spec.to_dict(), "dims": model.dims.to_dict(),
@@ -69,7 +70,7 @@ def save_checkpoint(checkpoint: Checkpoint, directory: str | Path) -> None:
         "normalization": checkpoint.normalization, "config": checkpoint.config,
         "summary": checkpoint.summary,
     }
-    _atomic_write(directory / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
@@ -119,8 +120,8 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
             for key, value in optimizer.state.get(parameter, {}).items():
                 tensors[f"{names[id(parameter)]}::{key}"] = value.detach().cpu().contiguous()
     tensors["::torch_rng"] = torch.get_rng_state()
-    _atomic_write(directory / OPTIMIZER, lambda p: save_file(tensors, str(p)))
-    _atomic_write(directory / TRAIN_STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
+    atomic_write(directory / OPTIMIZER, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / TRAIN_STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
