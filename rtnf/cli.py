@@ -107,6 +107,34 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- calibrate
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from rtnf.train.bundle import file_source
+    from rtnf.data.io import read_session
+    from rtnf.train.calibrate import calibrate
+
+    flags = [f"calibration.method={args.method}"] if args.method else []
+    config = _config(args, flags)
+    session = read_session(args.data, nwb_names=config.rig.nwb, xdf_names=config.rig.xdf)
+    if args.minutes is not None:
+        if args.minutes * 60 > session.duration + 1e-9:
+            raise RtnfError(f"--minutes {args.minutes:g}: {args.data} holds only "
+                            f"{session.duration / 60:.2f} minutes")
+        session = session.first(args.minutes * 60)
+    log = (lambda _: None) if args.json else (lambda line: print(line, flush=True))
+    metrics = calibrate(session, config, args.out, pretrained=args.pretrained,
+                        source=file_source(args.data), log=log)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        verdict = metrics["verdict"]
+        print(f"{'GO' if verdict['go'] else 'NO-GO'}: {verdict['reason']}; the bundle runs "
+              f"{verdict['use']}. Wrote {args.out} (report: {args.out / 'report' / 'report.md'})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- bench
 
 
@@ -224,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
     pre.set_defaults(handler=cmd_pretrain)
+
+    cal = commands.add_parser("calibrate", parents=[common],
+                              help="finetune on a calibration session and write a bundle")
+    cal.add_argument("--data", type=Path, required=True,
+                     help="the calibration session (.nwb, .xdf, .npz)")
+    cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    cal.add_argument("--pretrained", type=Path,
+                     help="pretrained checkpoint directory (default: the cached default one)")
+    cal.add_argument("--minutes", type=float, help="use only the first M minutes of --data")
+    cal.add_argument("--method", choices=["embeddings", "full", "scratch"],
+                     help="what is finetuned (default: calibration.method)")
+    cal.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    cal.set_defaults(handler=cmd_calibrate)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

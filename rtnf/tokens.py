@@ -126,14 +126,14 @@ class TokenSpec:
         return {"current": self.current, "history": self.history}[window]
 
 
-def _to_ticks(times: np.ndarray | float, dt_resolution: float) -> np.ndarray:
+def to_ticks(times: np.ndarray | float, dt_resolution: float) -> np.ndarray:
     """Seconds -> integer ticks of dt_resolution / TICKS_PER_BIN (the module's bin-edge rule)."""
     return np.rint(np.asarray(times, dtype=np.float64) * (TICKS_PER_BIN / dt_resolution)).astype(
         np.int64)
 
 
-def _to_seconds(ticks: np.ndarray, dt_resolution: float) -> np.ndarray:
-    """Integer ticks -> seconds (float64), the inverse of `_to_ticks` on the tick grid."""
+def to_seconds(ticks: np.ndarray, dt_resolution: float) -> np.ndarray:
+    """Integer ticks -> seconds (float64), the inverse of `to_ticks` on the tick grid."""
     return ticks / (TICKS_PER_BIN / dt_resolution)
 
 
@@ -155,10 +155,10 @@ def window_ends(start: float, end: float, windows: WindowsConfig,
     first_bins = windows.bins("current")
     if full_history:
         first_bins += windows.bins("history")
-    first = _to_ticks(start, windows.dt_resolution) + first_bins * TICKS_PER_BIN
-    last = _to_ticks(end, windows.dt_resolution)
+    first = to_ticks(start, windows.dt_resolution) + first_bins * TICKS_PER_BIN
+    last = to_ticks(end, windows.dt_resolution)
     hop = windows.bins("hop") * TICKS_PER_BIN
-    return _to_seconds(np.arange(first, last + 1, hop, dtype=np.int64), windows.dt_resolution)
+    return to_seconds(np.arange(first, last + 1, hop, dtype=np.int64), windows.dt_resolution)
 
 
 def window_start_bins(ends: np.ndarray, spec: TokenSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +168,7 @@ def window_start_bins(ends: np.ndarray, spec: TokenSpec) -> tuple[np.ndarray, np
     window starts, which differ by whole bins), so a token's absolute bin, its window's start bin
     plus its dt, is the same in every window that holds the spike.
     """
-    end_ticks = _to_ticks(np.atleast_1d(ends), spec.dt_resolution)
+    end_ticks = to_ticks(np.atleast_1d(ends), spec.dt_resolution)
     end_bins = end_ticks // TICKS_PER_BIN  # floor: the same offset for every end on one grid
     return (end_bins - spec.current.bins_before_end, end_bins - spec.history.bins_before_end)
 
@@ -177,9 +177,9 @@ def absolute_bins(spike_times: np.ndarray, window_end: float, spec: TokenSpec) -
     """Absolute bins (int64) of spikes on the grid of `window_start_bins` for windows ending at
     `window_end` (or any end a whole number of bins from it): the start bin of any window plus
     the spike's dt in that window."""
-    end_tick = int(_to_ticks(window_end, spec.dt_resolution))
+    end_tick = int(to_ticks(window_end, spec.dt_resolution))
     offset = end_tick % TICKS_PER_BIN
-    return (_to_ticks(spike_times, spec.dt_resolution) - offset) // TICKS_PER_BIN
+    return (to_ticks(spike_times, spec.dt_resolution) - offset) // TICKS_PER_BIN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def tokenize_windows(spike_times: np.ndarray, spike_units: np.ndarray, ends: np.
     (n_windows, capacity). Only the spikes spanned by the windows are read, so the cost grows with
     the spikes in the windows, not in the session.
     """
-    end_ticks = _to_ticks(np.atleast_1d(ends), spec.dt_resolution)
+    end_ticks = to_ticks(np.atleast_1d(ends), spec.dt_resolution)
     span = (0, 0)
     if end_ticks.size:
         # The spikes the windows span, cut in seconds with one tick of margin each side; each
@@ -248,8 +248,8 @@ def tokenize_windows(spike_times: np.ndarray, spike_units: np.ndarray, ends: np.
             end_ticks.min() - spec.history.bins_before_end * TICKS_PER_BIN - 1,
             end_ticks.max() + 1,
         ])
-        span = np.searchsorted(spike_times, _to_seconds(span_ticks, spec.dt_resolution))
-    ticks = _to_ticks(spike_times[span[0]:span[1]], spec.dt_resolution)
+        span = np.searchsorted(spike_times, to_seconds(span_ticks, spec.dt_resolution))
+    ticks = to_ticks(spike_times[span[0]:span[1]], spec.dt_resolution)
     units = np.asarray(spike_units[span[0]:span[1]], dtype=np.int64)
     return SampleTokens(
         current=_window_sequences(ticks, units, end_ticks, spec.current, spec),

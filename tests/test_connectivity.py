@@ -65,15 +65,17 @@ def model_and_inputs():
 
 
 @pytest.mark.parametrize("source", ["self", "history"])
-def test_attention_connectivity_is_a_finite_unit_matrix(model_and_inputs, source):
+@pytest.mark.parametrize("query_unit", ["own", "next"])
+def test_attention_connectivity_is_a_finite_unit_matrix(model_and_inputs, source, query_unit):
     model, inputs, n_units = model_and_inputs
-    scores = attention_connectivity(model, [inputs], n_units, source)
+    scores = attention_connectivity(model, [inputs], n_units, source, query_unit)
     assert scores.shape == (n_units, n_units)
     assert np.all(np.isfinite(scores)) and np.all(scores >= 0) and np.all(scores <= 1)
     assert np.any(scores > 0)
 
 
-def test_self_attention_connectivity_matches_a_brute_force_window(model_and_inputs):
+@pytest.mark.parametrize("query_unit", ["own", "next"])
+def test_self_attention_connectivity_matches_a_brute_force_window(model_and_inputs, query_unit):
     model, inputs, n_units = model_and_inputs
     window = dataclasses.replace(
         inputs, **{name: getattr(inputs, name)[:1] for name in
@@ -93,13 +95,16 @@ def test_self_attention_connectivity_matches_a_brute_force_window(model_and_inpu
         probabilities = torch.softmax(scores, dim=-1).mean(dim=0).numpy()
 
     sums, pairs = np.zeros((n_units, n_units)), np.zeros((n_units, n_units))
-    for query in range(length):
-        for key in range(query):
-            i, j = int(units[query]), int(units[key])
+    for query in range(length - 1):
+        # "own": the query token's unit, keys before it; "next": the unit of the token after
+        # the query (the one it predicts), keys up to the query itself.
+        i = int(units[query]) if query_unit == "own" else int(units[query + 1])
+        for key in range(query if query_unit == "own" else query + 1):
+            j = int(units[key])
             if i < n_units and j < n_units:
                 sums[i, j] += probabilities[query, key]
                 pairs[i, j] += 1
     expected = np.divide(sums, pairs, out=np.zeros_like(sums), where=pairs > 0)
     assert pairs.sum() > 0
-    np.testing.assert_allclose(attention_connectivity(model, [window], n_units, "self"),
+    np.testing.assert_allclose(attention_connectivity(model, [window], n_units, "self", query_unit),
                                expected, rtol=1e-5, atol=1e-7)

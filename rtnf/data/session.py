@@ -118,6 +118,29 @@ class Session:
         """Spike times of the unit at position `index` in `unit_ids`."""
         return self.spike_times[self.spike_unit_index == index]
 
+    def first(self, seconds: float) -> "Session":
+        """The first `seconds` of the recording (everything before start_time + seconds)."""
+        stop = self.start_time + seconds
+        keep = self.spike_times < stop
+        behavior = {name: BehaviorChannel(c.timestamps[c.timestamps < stop],
+                                          c.values[c.timestamps < stop], c.unit)
+                    for name, c in self.behavior.items()}
+        frames = None
+        if self.frames is not None:
+            shown = self.frames.timestamps < stop
+            frames = Frames(self.frames.timestamps[shown], self.frames.images[shown])
+        intervals = {name: np.clip(spans[spans[:, 0] < stop], None, stop)
+                     for name, spans in self.intervals.items()}
+        truth = self.ground_truth
+        if truth is not None:
+            bins = int(np.ceil((stop - truth.t0) / truth.rate_dt - 1e-9))
+            truth = GroundTruth(truth.rate_dt, truth.rates[:max(bins, 0)], truth.coupling,
+                                truth.hubs, truth.tuning, truth.t0)
+        metadata = {**self.metadata, "start_time": self.start_time,
+                    "end_time": min(self.end_time, stop)}
+        return Session(self.unit_ids, self.spike_times[keep], self.spike_unit_index[keep],
+                       behavior, frames, intervals, metadata, truth).validate()
+
     def validate(self, source: str = "session") -> "Session":
         """Coerce dtypes and check every invariant; raise `SessionFormatError` naming `source`."""
 

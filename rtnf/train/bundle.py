@@ -243,3 +243,10 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def file_source(path: str | Path) -> dict[str, Any]:
+    """The manifest's `source` for a bundle calibrated from a session file."""
+    path = Path(path)
+    return {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path),
+            "size": path.stat().st_size}

@@ -176,8 +176,8 @@ def behavior_before(session: Session, names: Sequence[str], ends: np.ndarray,
     return values
 
 
-def _encoded(values: dict[str, np.ndarray], encode: Callable[[str, np.ndarray], np.ndarray],
-             n_windows: int, dtype: type) -> np.ndarray:
+def encode_values(values: dict[str, np.ndarray], encode: Callable[[str, np.ndarray], np.ndarray],
+                  n_windows: int, dtype: type) -> np.ndarray:
     """(n_windows, channels) array of each channel's `encode(name, values)`, also for none."""
     columns = [encode(name, v) for name, v in values.items()]
     return np.ascontiguousarray(np.asarray(columns, dtype=dtype).reshape(len(columns),
@@ -212,12 +212,12 @@ class SessionWindows:
         n_windows = self.ends.size
         targets = behavior_before(session, dims.behavior_targets, self.ends, spec.dt_resolution)
         if dims.objective == "classification":
-            self.behavior_targets = _encoded(targets, normalization.classify, n_windows, np.int64)
+            self.behavior_targets = encode_values(targets, normalization.classify, n_windows, np.int64)
         else:
-            self.behavior_targets = _encoded(targets, normalization.standardize, n_windows,
+            self.behavior_targets = encode_values(targets, normalization.standardize, n_windows,
                                              np.float32)
         inputs = behavior_before(session, dims.behavior_inputs, self.ends, spec.dt_resolution)
-        self.behavior_inputs = (_encoded(inputs, normalization.standardize, n_windows, np.float32)
+        self.behavior_inputs = (encode_values(inputs, normalization.standardize, n_windows, np.float32)
                                 if inputs else None)
 
         # Spikes of the next window [t, t + next_window), as index spans into the session's

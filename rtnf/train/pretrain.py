@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from rtnf.errors import RtnfError
 from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import spec_from_config
 from rtnf.train.checkpoint import Checkpoint, load_checkpoint
-from rtnf.train.dataset import TrainingData, dims_for_sessions
+from rtnf.train.dataset import SessionWindows, TrainingData, dims_for_sessions
 from rtnf.train.loop import Distributed, train
 
 SESSION_SUFFIXES = (".nwb", ".npz", ".xdf")
@@ -79,7 +79,7 @@ def pretrain(sessions: Sequence[Session], config: Config, out: str | Path, resum
     if previous is not None:
         model.load_state_dict(previous.model.state_dict())
     else:
-        initialise_rate_bias(model, data)
+        initialise_rate_bias(model, data.train)
 
     def describe(record: dict[str, Any]) -> Checkpoint:
         summary = {"preset": config.model.preset, "parameters": model.parameter_count(),
@@ -102,11 +102,11 @@ def pretrain(sessions: Sequence[Session], config: Config, out: str | Path, resum
     }
 
 
-def initialise_rate_bias(model: Neuroformer, data: TrainingData) -> None:
+def initialise_rate_bias(model: Neuroformer, blocks: Iterable[SessionWindows]) -> None:
     """Start each unit's next-window rate at its training mean (log expected count), so the
     rate head begins at the mean-rate forecast instead of one spike per window."""
     with torch.no_grad():
-        for block in data.train:
+        for block in blocks:
             if len(block):
                 mean = torch.as_tensor(block.mean_next_counts(), dtype=torch.float32)
                 model.unit_rate.weight[block.unit_rows, -1] = torch.log(mean + 1e-3)

@@ -1,0 +1,273 @@
+"""`rtnf calibrate`: finetune on a short session, judge it honestly, write a bundle.
+
+Stages, in order:
+1. split the session in time: training | validation | held-out (the last
+   `holdout_fraction`), contiguous blocks with gaps between them, never interleaved windows;
+2. the model: the pretrained checkpoint (the cached default one when none is given) with its
+   unit and session tables extended for this session (units it knows keep their rows, new
+   units get new rows), or a fresh one for `scratch`;
+3. finetuning (`rtnf.train.finetune`) with early stopping on the validation block;
+4. the baselines (ridge / Wiener filter, MLP, GRU) fitted on exactly the same training windows;
+5. evaluation on held-out time: per target Pearson r and R^2 (variance-weighted over targets),
+   next-window bits/spike against each unit's training mean, and on simulated sessions the
+   oracle (the true rates);
+6. the verdict: the model is used only if it beats the best baseline on the validation block
+   (when `require_beats_baseline`); otherwise the ridge decoder is recorded as the fallback;
+7. the bundle, written atomically (`rtnf.train.bundle`), with the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rtnf.config import Config
+from rtnf.data.session import Session
+from rtnf.errors import RtnfError
+from rtnf.model.neuroformer import Neuroformer
+from rtnf.model.spec import spec_from_config
+from rtnf.model.vocabulary import Vocabulary
+from rtnf.tokens import TokenSpec, window_ends
+from rtnf.train.baselines import decoding_scores, evaluate, fit_baselines
+from rtnf.train.bundle import BundleWriter, write_json
+from rtnf.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from rtnf.train.dataset import (Normalization, SessionWindows, behavior_before,
+                                contiguous_split, dims_for_sessions)
+from rtnf.train.finetune import finetune
+from rtnf.train.metrics import bits_per_spike
+from rtnf.train.pretrain import default_checkpoint, initialise_rate_bias
+from rtnf.train.report import write_report
+
+
+@dataclass
+class Blocks:
+    """Window ends of the three contiguous blocks of a calibration session."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    holdout: np.ndarray
+
+
+def split_session(session: Session, config: Config) -> Blocks:
+    """Training, validation and held-out window ends, in that order in time, with gaps."""
+    windows, calibration = config.windows, config.calibration
+    next_window = windows.current
+    ends = window_ends(session.start_time, session.end_time - next_window, windows)
+    rest, holdout = contiguous_split(ends, calibration.holdout_fraction, windows, next_window)
+    share = calibration.validation_fraction / max(1e-9, 1.0 - calibration.holdout_fraction)
+    train, validation = contiguous_split(rest, share, windows, next_window)
+    if min(train.size, validation.size, holdout.size) < 2:
+        raise RtnfError(f"session of {session.duration:.1f} s is too short to calibrate: "
+                        f"{train.size} training, {validation.size} validation and "
+                        f"{holdout.size} held-out windows (need at least 2 each)")
+    return Blocks(train, validation, holdout)
+
+
+@dataclass
+class PreparedModel:
+    model: Neuroformer
+    vocabulary: Vocabulary
+    unit_rows: np.ndarray
+    session_row: int
+    known_units: int  # units of the session the pretrained model already had rows for
+
+
+def prepare_model(session: Session, config: Config, pretrained: Neuroformer | None,
+                  vocabulary: Vocabulary | None) -> PreparedModel:
+    """The model to finetune, with rows for every unit of `session` (see stage 2)."""
+    if pretrained is None:
+        spec = spec_from_config(config)
+        dims = dims_for_sessions([session], config, spec)
+        vocabulary = Vocabulary()
+        rows, session_row = vocabulary.add_session(session)
+        torch.manual_seed(config.training.seed)
+        model = Neuroformer(spec, dims, vocabulary.n_units, vocabulary.n_sessions)
+        return PreparedModel(model, vocabulary, rows, session_row, 0)
+    model, vocabulary = copy.deepcopy(pretrained), copy.deepcopy(vocabulary)
+    _require_compatible(model, session, config)
+    _, known, _ = vocabulary.rows_of(session)
+    rows, session_row = vocabulary.add_session(session)
+    model.extend(vocabulary.n_units, vocabulary.n_sessions)
+    return PreparedModel(model, vocabulary, rows, session_row, int(known.sum()))
+
+
+def _require_compatible(model: Neuroformer, session: Session, config: Config) -> None:
+    """The pretrained model's windows and stimulus must be this configuration's and session's."""
+    expected = dims_for_sessions([session], config, model.spec)
+    dims = model.dims
+    for name in ("current_bins", "history_bins", "frame_shape", "behavior_targets",
+                 "behavior_inputs", "objective"):
+        if getattr(dims, name) != getattr(expected, name):
+            raise RtnfError(f"the pretrained model was trained with {name} = "
+                            f"{getattr(dims, name)}, but this session and configuration give "
+                            f"{getattr(expected, name)}; pretrain for these settings or use "
+                            "calibration.method=scratch")
+
+
+def session_windows(session: Session, ends: np.ndarray, prepared: PreparedModel,
+                    normalization: Normalization, config: Config) -> SessionWindows:
+    spec = TokenSpec.from_config(config.windows, session.n_units)
+    return SessionWindows(session, ends, spec, prepared.model.dims, normalization,
+                          prepared.unit_rows, prepared.session_row, config.windows.current)
+
+
+@torch.no_grad()
+def predict(model: Neuroformer, windows: SessionWindows, batch_size: int = 64
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Behaviour (standardised, (n, targets)) and expected next-window counts (n, N)."""
+    model.eval()
+    behavior, expected = [], []
+    for start in range(0, len(windows), batch_size):
+        inputs, _ = windows.batch(np.arange(start, min(start + batch_size, len(windows))))
+        output = model(inputs)
+        behavior.append(output.behavior.numpy())
+        expected.append(output.log_rates.exp().numpy())
+    return np.concatenate(behavior), np.concatenate(expected)
+
+
+def oracle_counts(session: Session, ends: np.ndarray, next_window: float) -> np.ndarray | None:
+    """The simulator's true expected spikes of each unit in [t, t + next_window) (None for
+    recorded sessions): the true rates integrated over the next window."""
+    truth = session.ground_truth
+    if truth is None:
+        return None
+    cumulative = np.vstack([np.zeros((1, session.n_units)),
+                            np.cumsum(truth.rates.astype(np.float64) * truth.rate_dt, axis=0)])
+    bins = truth.rates.shape[0]
+    first = np.clip(np.rint((ends - truth.t0) / truth.rate_dt).astype(np.int64), 0, bins)
+    last = np.clip(np.rint((ends + next_window - truth.t0) / truth.rate_dt).astype(np.int64),
+                   0, bins)
+    return cumulative[last] - cumulative[first]
+
+
+def next_window_scores(session: Session, windows: dict[str, SessionWindows],
+                       expected: np.ndarray, next_window: float) -> dict[str, float]:
+    """Held-out bits/spike of the model's expected counts against each unit's training mean;
+    on simulated sessions also the oracle's: the true expected counts, scaled per unit by the
+    ratio of observed to true spikes on the training windows (2p events are deconvolved
+    calcium, not spikes), and unscaled."""
+    train, holdout = windows["train"], windows["holdout"]
+    counts = holdout.next_counts(np.arange(len(holdout)))
+    mean = train.mean_next_counts()
+    scores = {"model": bits_per_spike(counts, expected, mean), "spikes": int(counts.sum())}
+    truth_train = oracle_counts(session, train.ends, next_window)
+    if truth_train is not None:
+        truth = oracle_counts(session, holdout.ends, next_window)
+        observed = train.next_counts(np.arange(len(train))).sum(axis=0)
+        gain = observed / np.maximum(truth_train.sum(axis=0), 1e-9)
+        scores["oracle"] = bits_per_spike(counts, truth * gain, mean)
+        scores["oracle_unscaled"] = bits_per_spike(counts, truth, mean)
+    return scores
+
+
+def calibrate(session: Session, config: Config, out: str | Path,
+              pretrained: str | Path | None = None, source: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage of the module docstring; return the metrics written to the bundle."""
+    started = time.monotonic()
+    calibration, targets = config.calibration, tuple(config.decoding.targets)
+    blocks = split_session(session, config)
+    log(f"windows: {blocks.train.size} training, {blocks.validation.size} validation, "
+        f"{blocks.holdout.size} held out (last {calibration.holdout_fraction:.0%} of the session)")
+
+    checkpoint, checkpoint_dir = None, None
+    if calibration.method != "scratch":
+        checkpoint_dir = Path(pretrained) if pretrained else default_checkpoint(config)
+        checkpoint = load_checkpoint(checkpoint_dir)
+    prepared = prepare_model(session, config, checkpoint.model if checkpoint else None,
+                             checkpoint.vocabulary if checkpoint else None)
+    dims, model = prepared.model.dims, prepared.model
+    log(f"units: {session.n_units} ({prepared.known_units} known to the pretrained model, "
+        f"{session.n_units - prepared.known_units} new); method {calibration.method}")
+    normalization = Normalization.fit(
+        behavior_before(session, (*dims.behavior_targets, *dims.behavior_inputs), blocks.train,
+                        config.windows.dt_resolution),
+        classified=dims.behavior_targets if dims.objective == "classification" else (),
+        n_classes=dims.n_classes)
+    windows = {name: session_windows(session, getattr(blocks, name), prepared, normalization,
+                                     config) for name in ("train", "validation", "holdout")}
+    initialise_rate_bias(model, [windows["train"]])
+    tuned = finetune(model, windows["train"], windows["validation"], calibration,
+                     config.training)
+    log(f"finetuned: {tuned.epochs} epochs, best validation loss "
+        f"{tuned.best_validation_loss:.3f} at epoch {tuned.best_epoch}")
+
+    validation_behavior, _ = predict(model, windows["validation"])
+    holdout_behavior, holdout_expected = predict(model, windows["holdout"])
+    baselines = fit_baselines(session, blocks.train, blocks.validation, targets,
+                              dt_resolution=config.windows.dt_resolution)
+    holdout_targets = windows["holdout"].behavior_targets
+    validation = {"neuroformer": decoding_scores(validation_behavior,
+                                                 windows["validation"].behavior_targets,
+                                                 targets), **baselines.validation}
+    holdout = {"neuroformer": decoding_scores(holdout_behavior, holdout_targets, targets)}
+    for kind, decoder in baselines.decoders.items():
+        holdout[kind] = evaluate(decoder, decoder.features(session, blocks.holdout),
+                                 holdout_targets, targets)
+    best_baseline = max(baselines.validation, key=lambda k: baselines.validation[k]["r2_weighted"])
+    beats = (validation["neuroformer"]["r2_weighted"]
+             > validation[best_baseline]["r2_weighted"])
+    use_model = beats or not calibration.require_beats_baseline
+    verdict = {
+        "use": "neuroformer" if use_model else "ridge",
+        "go": bool(use_model),
+        "beats_best_baseline": bool(beats),
+        "best_baseline": best_baseline,
+        "reason": (f"Neuroformer's validation R^2 {validation['neuroformer']['r2_weighted']:.3f} "
+                   f"{'beats' if beats else 'does not beat'} the best baseline "
+                   f"({best_baseline}, {validation[best_baseline]['r2_weighted']:.3f})"),
+    }
+    metrics = {
+        "session": {"source": source or {}, "units": session.n_units,
+                    "known_units": prepared.known_units, "duration_s": session.duration,
+                    "windows": {k: int(getattr(blocks, k).size)
+                                for k in ("train", "validation", "holdout")}},
+        "method": calibration.method,
+        "pretrained": str(checkpoint_dir) if checkpoint_dir else None,
+        "finetune": {"epochs": tuned.epochs, "best_epoch": tuned.best_epoch,
+                     "curve": tuned.curve},
+        "validation": validation,
+        "holdout": holdout,
+        "next_window_bits_per_spike": next_window_scores(session, windows, holdout_expected,
+                                                         config.windows.current),
+        "verdict": verdict,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    _write_bundle(out, config, source or {}, metrics, prepared, normalization, baselines,
+                  holdout_behavior, holdout_targets, windows["holdout"].ends, targets,
+                  session.unit_ids)
+    return metrics
+
+
+def _write_bundle(out: str | Path, config: Config, source: dict[str, Any],
+                  metrics: dict[str, Any], prepared: PreparedModel,
+                  normalization: Normalization, baselines: Any, holdout_behavior: np.ndarray,
+                  holdout_targets: np.ndarray, holdout_ends: np.ndarray,
+                  targets: tuple[str, ...], unit_ids: np.ndarray) -> None:
+    """The bundle of DESIGN.md: model, unit map, normalisation, the ridge fallback, report."""
+    from safetensors.torch import save_file
+
+    with BundleWriter(out, config, source, {"verdict": metrics["verdict"]}) as staging:
+        save_checkpoint(Checkpoint(prepared.model, prepared.vocabulary, normalization.to_dict(),
+                                   config.to_dict(), {"calibration": metrics["verdict"]}),
+                        staging)
+        write_json(staging / "units.json", {
+            "unit_ids": [int(u) for u in unit_ids],
+            "rows": [int(r) for r in prepared.unit_rows],
+            "session_row": int(prepared.session_row),
+            "known_units": prepared.known_units})
+        write_json(staging / "normalization.json", normalization.to_dict())
+        ridge = baselines.decoders["ridge"]
+        (staging / "fallback").mkdir()
+        save_file(ridge.to_tensors(), str(staging / "fallback" / "ridge.safetensors"))
+        write_json(staging / "fallback" / "ridge.json", ridge.config())
+        scale = np.array([normalization.std[name] for name in targets])
+        offset = np.array([normalization.mean[name] for name in targets])
+        write_report(staging / "report", metrics, holdout_ends,
+                     holdout_behavior * scale + offset, holdout_targets * scale + offset, targets)

@@ -1,0 +1,165 @@
+"""Calibration end to end: contiguous blocks, unit mapping, baselines, verdict, bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rtnf.config import load_config
+from rtnf.data.sim import simulate
+from rtnf.errors import RtnfError
+from rtnf.train import calibrate as calibrate_module
+from rtnf.train.baselines import decoder_from_state
+from rtnf.train.bundle import verify_bundle
+from rtnf.train.calibrate import calibrate, split_session
+from rtnf.train.checkpoint import load_checkpoint
+from rtnf.train.pretrain import pretrain
+
+TINY = ["simulation.sessions=3", "simulation.neurons=30", "simulation.minutes=1.2",
+        "simulation.seed=7", "model.n_embd=32", "model.n_head=2", "model.n_current_layers=1",
+        "model.n_history_layers=1", "model.n_frame_encoder_layers=1", "model.n_frame_layers=1",
+        "model.n_decoder_layers=1", "training.batch_size=16", "training.max_steps=20",
+        "training.eval_every=20", "calibration.max_epochs=2", "calibration.patience=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite shares 2 cores; small models are faster on one
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def animal():
+    config = load_config(overrides=TINY)
+    return config, simulate(config.simulation, config.rig.profile)
+
+
+@pytest.fixture(scope="module")
+def pretrained(animal, tmp_path_factory):
+    config, sessions = animal
+    out = tmp_path_factory.mktemp("pretrained")
+    pretrain(sessions[:2], config, out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(animal, pretrained, tmp_path_factory):
+    config, sessions = animal
+    out = tmp_path_factory.mktemp("bundles") / "today"
+    metrics = calibrate(sessions[2], config, out, pretrained=pretrained,
+                        source={"kind": "test"}, log=lambda _: None)
+    return out, metrics
+
+
+def test_blocks_are_contiguous_ordered_and_separated(animal):
+    config, sessions = animal
+    blocks = split_session(sessions[2], config)
+    gap = config.windows.current + config.windows.history - 1e-9
+    assert blocks.train[-1] <= blocks.validation[0] - gap
+    assert blocks.validation[-1] <= blocks.holdout[0] - gap
+    total = blocks.train.size + blocks.validation.size + blocks.holdout.size
+    assert blocks.holdout.size / total == pytest.approx(0.2, abs=0.02)
+    assert blocks.validation.size / total == pytest.approx(0.1, abs=0.02)
+    with pytest.raises(RtnfError, match="too short to calibrate"):
+        split_session(sessions[2].first(0.5), config)
+
+
+def test_bundle_verifies_and_holds_everything(bundle, animal):
+    out, metrics = bundle
+    _, sessions = animal
+    manifest = verify_bundle(out)
+    assert manifest["source"] == {"kind": "test"}
+    assert manifest["verdict"] == metrics["verdict"]
+    for name in ("model.safetensors", "model.json", "units.json", "normalization.json",
+                 "config.yaml", "fallback/ridge.safetensors", "fallback/ridge.json",
+                 "report/metrics.json", "report/report.md", "report/decoded_speed.png",
+                 "report/training_curve.png"):
+        assert name in manifest["files"], name
+    units = json.loads((out / "units.json").read_text())
+    assert units["unit_ids"] == sessions[2].unit_ids.tolist()
+    # Turnover: most units of day 3 were known from days 1-2, some are new.
+    assert 0.5 * len(units["unit_ids"]) <= units["known_units"] < len(units["unit_ids"])
+    report = (out / "report" / "report.md").read_text()
+    assert ("GO:" in report) and metrics["verdict"]["reason"] in report
+
+
+def test_model_and_baselines_are_scored_on_the_same_held_out_time(bundle):
+    _, metrics = bundle
+    assert set(metrics["holdout"]) == {"neuroformer", "ridge", "mlp", "gru"}
+    assert set(metrics["validation"]) == {"neuroformer", "ridge", "mlp", "gru"}
+    for scores in metrics["holdout"].values():
+        assert set(scores["r"]) == {"speed", "gaze_phi", "gaze_theta"}
+        assert all(np.isfinite(v) for v in scores["r"].values())
+    bits = metrics["next_window_bits_per_spike"]
+    assert np.isfinite(bits["model"]) and np.isfinite(bits["oracle"]) and bits["spikes"] > 0
+    verdict = metrics["verdict"]
+    best = metrics["validation"][verdict["best_baseline"]]["r2_weighted"]
+    assert verdict["go"] == (metrics["validation"]["neuroformer"]["r2_weighted"] > best)
+    assert verdict["use"] == ("neuroformer" if verdict["go"] else "ridge")
+
+
+def test_embeddings_method_freezes_the_transformer(bundle, pretrained):
+    out, _ = bundle
+    before, after = load_checkpoint(pretrained).model, load_checkpoint(out).model
+    for name, value in before.state_dict().items():
+        changed = not torch.equal(value, after.state_dict()[name][:value.shape[0]])
+        trainable = name.split(".")[0] in ("unit_embedding", "unit_output", "unit_rate",
+                                           "session_embedding", "behavior_head",
+                                           "rate_projection")
+        if not trainable:
+            assert not changed, name
+    assert after.unit_embedding.num_embeddings > before.unit_embedding.num_embeddings
+
+
+def test_ridge_fallback_runs_from_the_bundle(bundle, animal):
+    out, _ = bundle
+    _, sessions = animal
+    ridge = decoder_from_state(load_file(str(out / "fallback" / "ridge.safetensors")),
+                               json.loads((out / "fallback" / "ridge.json").read_text()))
+    ends = np.array([30.0, 30.05, 30.1])
+    assert ridge.predict(ridge.features(sessions[2], ends)).shape == (3, 3)
+
+
+def test_failed_calibration_leaves_the_previous_bundle(bundle, animal, pretrained, monkeypatch):
+    out, _ = bundle
+    config, sessions = animal
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken_report(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(calibrate_module, "write_report", broken_report)
+    with pytest.raises(OSError, match="disk full"):
+        calibrate(sessions[2], config, out, pretrained=pretrained, log=lambda _: None)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    verify_bundle(out)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_incompatible_pretrained_model_is_refused(animal, pretrained, tmp_path):
+    config, sessions = animal
+    other = load_config(overrides=[*TINY, "windows.history=0.3"])
+    with pytest.raises(RtnfError, match="history_bins = 15.*give 30"):
+        calibrate(sessions[2], other, tmp_path / "b", pretrained=pretrained, log=lambda _: None)
+
+
+def test_cli_calibrate_refuses_more_minutes_than_recorded(tmp_path, animal):
+    path = tmp_path / "day.npz"
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "simulate", "--out", str(path),
+                             "--minutes", "0.5", "--neurons", "10"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "calibrate", "--data", str(path),
+                             "--out", str(tmp_path / "b"), "--minutes", "5"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--minutes 5: " in result.stderr and "holds only 0.50 minutes" in result.stderr
