@@ -132,18 +132,16 @@ def predict(model: Neuroformer, windows: SessionWindows, batch_size: int = 64
 
 
 def oracle_counts(session: Session, ends: np.ndarray, next_window: float) -> np.ndarray | None:
-    """The simulator's true expected spikes of each unit in [t, t + next_window) (None for
-    recorded sessions): the true rates integrated over the next window."""
+    """The simulator's forecast of each unit's spikes in [t, t + next_window) (None for recorded
+    sessions): its true rate at t times the window. The true rates are conditional intensities
+    given every earlier spike, so the rate at t is what a perfect model could know at t (summing
+    them over the window would use the window's own spikes through refractoriness)."""
     truth = session.ground_truth
     if truth is None:
         return None
-    cumulative = np.vstack([np.zeros((1, session.n_units)),
-                            np.cumsum(truth.rates.astype(np.float64) * truth.rate_dt, axis=0)])
-    bins = truth.rates.shape[0]
-    first = np.clip(np.rint((ends - truth.t0) / truth.rate_dt).astype(np.int64), 0, bins)
-    last = np.clip(np.rint((ends + next_window - truth.t0) / truth.rate_dt).astype(np.int64),
-                   0, bins)
-    return cumulative[last] - cumulative[first]
+    bins = np.clip(np.floor((ends - truth.t0) / truth.rate_dt + 1e-6).astype(np.int64), 0,
+                   truth.rates.shape[0] - 1)
+    return truth.rates[bins].astype(np.float64) * next_window
 
 
 def next_window_scores(session: Session, windows: dict[str, SessionWindows],
