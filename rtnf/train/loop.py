@@ -81,6 +81,7 @@ class Distributed:
     def close(self) -> None:
         """Leave the process group (torchrun's processes then exit cleanly)."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # no rank tears down while another still talks to it
             dist.destroy_process_group()
 
     def replicas_agree(self, model: nn.Module) -> bool:
