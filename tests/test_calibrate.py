@@ -94,6 +94,11 @@ def test_bundle_verifies_and_holds_everything(bundle, animal):
 def test_model_and_baselines_are_scored_on_the_same_held_out_time(bundle):
     _, metrics = bundle
     assert set(metrics["holdout"]) == {"neuroformer", "ridge", "mlp", "gru"}
+    # The shape `rtnf evaluate --json` shares: models -> target -> r, r2; held-out seconds.
+    assert set(metrics["models"]) == {"neuroformer", "ridge", "mlp", "gru"}
+    assert metrics["models"]["ridge"]["speed"]["r"] == metrics["holdout"]["ridge"]["r"]["speed"]
+    assert np.isfinite(metrics["models"]["neuroformer"]["bits_per_spike"])
+    assert 0.15 * 72 < metrics["heldout_s"] < 0.25 * 72
     assert set(metrics["validation"]) == {"neuroformer", "ridge", "mlp", "gru"}
     for scores in metrics["holdout"].values():
         assert set(scores["r"]) == {"speed", "gaze_phi", "gaze_theta"}

@@ -221,7 +221,14 @@ def calibrate(session: Session, config: Config, out: str | Path,
                    f"{'beats' if beats else 'does not beat'} the best baseline "
                    f"({best_baseline}, {validation[best_baseline]['r2_weighted']:.3f})"),
     }
+    bits = next_window_scores(session, windows, holdout_expected, config.windows.current)
+    models = {name: {**{target: {"r": score["r"][target], "r2": score["r2"][target]}
+                        for target in targets}, "r2_weighted": score["r2_weighted"]}
+              for name, score in holdout.items()}
+    models["neuroformer"]["bits_per_spike"] = bits["model"]
     metrics = {
+        "models": models,
+        "heldout_s": float(blocks.holdout[-1] - blocks.holdout[0] + config.windows.hop),
         "session": {"source": source or {}, "units": session.n_units,
                     "known_units": prepared.known_units, "duration_s": session.duration,
                     "windows": {k: int(getattr(blocks, k).size)
@@ -232,8 +239,7 @@ def calibrate(session: Session, config: Config, out: str | Path,
                      "curve": tuned.curve},
         "validation": validation,
         "holdout": holdout,
-        "next_window_bits_per_spike": next_window_scores(session, windows, holdout_expected,
-                                                         config.windows.current),
+        "next_window_bits_per_spike": bits,
         "verdict": verdict,
         "seconds": round(time.monotonic() - started, 1),
     }
