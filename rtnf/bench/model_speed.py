@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rtnf.config import Config, SimulationConfig, load_config
+from rtnf.config import Config, SimulationConfig
 from rtnf.data.session import Session
 from rtnf.data.sim import simulate
 from rtnf.model.generation import Sampling, generate_window
@@ -73,20 +73,14 @@ def _with_current_length(tokens: SampleTokens, count: int, spec: TokenSpec) -> S
 def _windows(config: Config, session: Session, ends: np.ndarray, history_s: float
              ) -> SessionWindows:
     """The session's windows ending at `ends`, with `history_s` of history, ready to batch."""
-    config = load_config(overrides=[f"windows.history={history_s}", *_model_overrides(config)])
+    config = dataclasses.replace(config,
+                                 windows=dataclasses.replace(config.windows, history=history_s))
     spec = TokenSpec.from_config(config.windows, session.n_units)
     dims = dims_from_config(config, session.frames.images.shape[1:], config.simulation.frame_rate,
                             spec_from_config(config))
     behavior = behavior_before(session, dims.behavior_targets, ends, spec.dt_resolution)
     return SessionWindows(session, ends, spec, dims, Normalization.fit(behavior),
                           np.arange(session.n_units), 0, config.windows.current)
-
-
-def _model_overrides(config: Config) -> list[str]:
-    return [f"model.preset={config.model.preset}", *(
-        f"model.{f.name}={getattr(config.model, f.name)}"
-        for f in dataclasses.fields(config.model)
-        if f.name not in ("preset", "checkpoint") and getattr(config.model, f.name) is not None)]
 
 
 @torch.inference_mode()

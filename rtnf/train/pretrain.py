@@ -124,10 +124,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def default_recipe(config: Config) -> Config:
     """The configuration the default checkpoint is trained with: `config`'s preset and windows,
     the rest from `DEFAULT_RECIPE`."""
-    windows = [f"windows.{f.name}={getattr(config.windows, f.name)}"
-               for f in dataclasses.fields(config.windows)]
-    return load_config(overrides=[f"model.preset={config.model.preset}", *windows,
-                                  *DEFAULT_RECIPE])
+    recipe = load_config(overrides=[f"model.preset={config.model.preset}", *DEFAULT_RECIPE])
+    return dataclasses.replace(recipe, windows=config.windows)
 
 
 def default_checkpoint_dir(config: Config) -> Path:
