@@ -11,7 +11,7 @@ import torch
 from rtnf.config import SimulationConfig, WindowsConfig
 from rtnf.data.sim import simulate
 from rtnf.model.generation import Sampling, generate_ahead, generate_window, sample
-from rtnf.model.history import HistoryCache
+from rtnf.model.history import HistoryCache, as_layers, model_keys_values
 from rtnf.model.inputs import ModelTargets, inputs_from_tokens
 from rtnf.model.losses import losses
 from rtnf.model.neuroformer import Neuroformer
@@ -196,7 +196,8 @@ def test_incremental_decoding_equals_from_scratch(session, token_spec):
     scratch = model(batch(session, token_spec, ends, frames=False))
     tokens = tokenize_windows(session.spike_times, session.spike_unit_index, ends, token_spec)
     assert tokens.history.truncated.max() > 0
-    cache = HistoryCache(model, torch.arange(session.n_units) + 5, torch.tensor(1), token_spec)
+    keys_values = model_keys_values(model, torch.arange(session.n_units) + 5, torch.tensor(1))
+    cache = HistoryCache(keys_values, session.n_units, token_spec)
     added_until = 0.0
     for k, end in enumerate(ends):
         history_end = end - WINDOWS.current
@@ -206,7 +207,7 @@ def test_incremental_decoding_equals_from_scratch(session, token_spec):
         added_until = history_end
         inputs = batch(session, token_spec, ends[k:k + 1], frames=False)
         with torch.inference_mode():
-            history = cache.window(int(inputs.history_start_bin[0]))
+            history = as_layers(cache.window(int(inputs.history_start_bin[0])))
             out = model(inputs, model.context(inputs, history=history))
         assert (out.log_rates[0] - scratch.log_rates[k]).abs().max() <= 1e-5
         assert (out.behavior[0] - scratch.behavior[k]).abs().max() <= 1e-5

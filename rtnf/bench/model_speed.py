@@ -29,7 +29,7 @@ from rtnf.config import Config, SimulationConfig
 from rtnf.data.session import Session
 from rtnf.data.sim import simulate
 from rtnf.model.generation import Sampling, generate_window
-from rtnf.model.history import HistoryCache
+from rtnf.model.history import HistoryCache, as_layers, model_keys_values
 from rtnf.model.inputs import ModelInputs, inputs_from_tokens
 from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import dims_from_config, spec_from_config
@@ -103,8 +103,8 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
     decode_inputs = inputs_from_tokens(decode_tokens, ends[:1], short.spec, short.unit_rows, 0,
                                        short.frames(np.array([0]))).trimmed()
 
-    caches = {h: HistoryCache(model, w.unit_rows, w.session_row, w.spec)
-              for h, w in windows.items()}
+    caches = {h: HistoryCache(model_keys_values(model, w.unit_rows, w.session_row),
+                              session.n_units, w.spec) for h, w in windows.items()}
     added_until = {h: -np.inf for h in HISTORIES_S}
     times: dict[str, list[float]] = {}
 
@@ -118,8 +118,8 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
                   absolute_bins(session.spike_times[new], end, windows[history_s].spec))
         added_until[history_s] = history_end
         window = inputs(history_s, index)
-        model(window, model.context(window, history=cache.window(
-            int(window.history_start_bin[0]))))
+        model(window, model.context(window, history=as_layers(cache.window(
+            int(window.history_start_bin[0])))))
 
     model(decode_inputs)  # warm-up
     for index in range(len(ends)):

@@ -145,14 +145,16 @@ class SelfBlock(nn.Module):
         self.ln_mlp = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd, mlp_ratio, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (additive, over the keys so far) replaces the causal mask derived here."""
         normed = self.ln_attn(x)
         keys, values = self.attn.keys_values(normed)
         if cache is not None:
             keys, values = cache.append(keys, values)
         # One new token may see every key so far: no mask needed (the cached generation step).
-        needs_mask = self.causal and x.shape[1] > 1
-        mask = causal_mask(x.shape[1], keys.shape[2], x.device) if needs_mask else None
+        if mask is None and self.causal and x.shape[1] > 1:
+            mask = causal_mask(x.shape[1], keys.shape[2], x.device)
         x = x + self.attn(normed, keys, values, mask)
         return x + self.mlp(self.ln_mlp(x))
 

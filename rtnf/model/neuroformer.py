@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtnf.model.inputs import ModelInputs
-from rtnf.model.layers import CrossBlock, KVCache, SelfBlock, blocked, rotary_angles
+from rtnf.model.layers import (CrossBlock, KVCache, Rotary, SelfBlock, blocked,
+                               rotary_angles)
 from rtnf.model.spec import ModelDims, ModelSpec
 
 SPECIALS = 3  # SOS, EOS, PAD follow the N units in a session's local ids
@@ -183,17 +184,31 @@ class Neuroformer(nn.Module):
 
     # ----------------------------------------------------------------------------- context
 
-    def history_keys_values(self, units: torch.Tensor, bins: torch.Tensor,
-                            unit_rows: torch.Tensor, session_row: torch.Tensor
-                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per history layer, keys/values of history tokens (B, Lh) at absolute `bins`.
+    def history_keys_values(self, units: torch.Tensor, rotary: Rotary, unit_rows: torch.Tensor,
+                            session_row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per history layer, keys/values of history tokens (B, Lh) whose times give `rotary`
+        (`self.rotary(absolute bins)`).
 
         Each token's keys/values depend on nothing but the token and its time, so they can be
         computed once per spike and cached (`rtnf.model.history.HistoryCache`).
         """
         embedded = self.embed_units(units, unit_rows, session_row)
-        rotary = self.rotary(bins)
         return [block.attn.keys_values(embedded, rotary) for block in self.history_blocks]
+
+    def frame_context(self, frames: torch.Tensor
+                      ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per frame layer, keys/values of the encoded clip (B, T, H, W), and its mean feature."""
+        tokens = self.frame_tokenizer(frames)
+        for block in self.frame_encoder:
+            tokens = block(tokens)
+        return [block.attn.keys_values(tokens) for block in self.frame_blocks], tokens.mean(dim=1)
+
+    def behavior_context(self, values: torch.Tensor
+                         ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per behaviour layer, keys/values of the behaviour input tokens, and their mean."""
+        tokens = self.behavior_tokenizer(values)
+        keys_values = [block.attn.keys_values(tokens) for block in self.behavior_blocks]
+        return keys_values, tokens.mean(dim=1)
 
     def context(self, inputs: ModelInputs,
                 history: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -208,21 +223,15 @@ class Neuroformer(nn.Module):
             kept = (inputs.history_units != pad) & (inputs.history_units != eos)
             bins = self.token_bins(inputs.history_dts, inputs.history_start_bin,
                                    self.dims.history_bins)
-            history = self.history_keys_values(inputs.history_units, bins, inputs.unit_rows,
-                                               inputs.session_row)
+            history = self.history_keys_values(inputs.history_units, self.rotary(bins),
+                                               inputs.unit_rows, inputs.session_row)
             history_mask = blocked(kept[:, None, None, :])
         frames, frame_feature = [], None
         if self.frame_tokenizer is not None:
-            tokens = self.frame_tokenizer(inputs.frames)
-            for block in self.frame_encoder:
-                tokens = block(tokens)
-            frames = [block.attn.keys_values(tokens) for block in self.frame_blocks]
-            frame_feature = tokens.mean(dim=1)
+            frames, frame_feature = self.frame_context(inputs.frames)
         behavior, behavior_feature = [], None
         if self.behavior_tokenizer is not None:
-            tokens = self.behavior_tokenizer(inputs.behavior_inputs)
-            behavior = [block.attn.keys_values(tokens) for block in self.behavior_blocks]
-            behavior_feature = tokens.mean(dim=1)
+            behavior, behavior_feature = self.behavior_context(inputs.behavior_inputs)
         return Context(history, history_mask, frames, behavior, frame_feature, behavior_feature)
 
     # ----------------------------------------------------------------------------- tokens
@@ -234,20 +243,25 @@ class Neuroformer(nn.Module):
 
     def hidden_states(self, units: torch.Tensor, dts: torch.Tensor, start_bin: torch.Tensor,
                       unit_rows: torch.Tensor, session_row: torch.Tensor, context: Context,
-                      caches: list[KVCache] | None = None, position: int = 0) -> torch.Tensor:
+                      caches: list[KVCache] | None = None, position: int | torch.Tensor = 0,
+                      rotary: Rotary | None = None, self_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Final states (B, L, C) of current tokens at sequence positions position..position+L-1.
 
         Without `caches` the tokens are the whole sequence so far (position 0); with them, the
         earlier tokens' keys/values come from the caches and only the new tokens are computed.
+        `rotary` (the tokens' time encoding) and `self_mask` (which cached positions each new
+        token may see) are derived here unless given, as compiled engines give them.
         """
-        positions = torch.arange(position, position + units.shape[1], device=units.device)
+        positions = position + torch.arange(units.shape[1], device=units.device)
         x = (self.embed_units(units, unit_rows, session_row) + self.current_dt(dts)
              + self.current_position(positions))
         x = self.embedding_dropout(x)
         caches = caches or [None] * (len(self.current_blocks) + len(self.decoder_blocks))
         for block, cache in zip(self.current_blocks, caches):
-            x = block(x, cache)
-        rotary = self.rotary(self.token_bins(dts, start_bin, self.dims.current_bins))
+            x = block(x, cache, self_mask)
+        if rotary is None:
+            rotary = self.rotary(self.token_bins(dts, start_bin, self.dims.current_bins))
         for block, (keys, values) in zip(self.history_blocks, context.history):
             x = block(x, keys, values, context.history_mask, rotary)
         for block, (keys, values) in zip(self.frame_blocks, context.frames):
@@ -255,7 +269,7 @@ class Neuroformer(nn.Module):
         for block, (keys, values) in zip(self.behavior_blocks, context.behavior):
             x = block(x, keys, values)
         for block, cache in zip(self.decoder_blocks, caches[len(self.current_blocks):]):
-            x = block(x, cache)
+            x = block(x, cache, self_mask)
         return self.final_norm(x)
 
     # ----------------------------------------------------------------------------- heads
