@@ -71,11 +71,11 @@ from rtnf import __version__
 from rtnf.config import Config, WindowsConfig, load_config
 from rtnf.data.session import GroundTruth, Session
 from rtnf.data.sim import simulate
+from rtnf.model.checkpoint import TRAIN_STATE, load_checkpoint
 from rtnf.model.connectivity import attention_connectivity, correlation_connectivity
 from rtnf.model.generation import Sampling, generate_window
 from rtnf.model.neuroformer import Neuroformer
 from rtnf.tokens import absolute_bins, tokens_to_counts, window_ends
-from rtnf.train.checkpoint import TRAIN_STATE, load_checkpoint
 from rtnf.train.dataset import SessionWindows, TrainingData
 from rtnf.train.metrics import auroc, bits_per_spike
 from rtnf.train.pretrain import DEFAULT_RECIPE, pretrain

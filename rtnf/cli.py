@@ -111,7 +111,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from rtnf.train.bundle import file_source
+    from rtnf.bundle import file_source
     from rtnf.data.io import read_session
     from rtnf.train.calibrate import calibrate
 
@@ -132,6 +132,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         verdict = metrics["verdict"]
         print(f"{'GO' if verdict['go'] else 'NO-GO'}: {verdict['reason']}; the bundle runs "
               f"{verdict['use']}. Wrote {args.out} (report: {args.out / 'report' / 'report.md'})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from rtnf.bundle import CONFIG
+    from rtnf.engine.compile import compile_bundle
+
+    # The bundle's configuration, then this machine's --config files and --set overrides.
+    config = load_config([args.bundle / CONFIG, *(args.config or ())], args.set or ())
+    report = compile_bundle(args.bundle, config.engine, args.backend)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for name, record in report["onnx"].items():
+        print(f"exported {record['file']} (ONNX parity {record['parity']:.1e})")
+    if "cpu_choice" in report:
+        figures = report["cpu_choice"]["median_ms"]
+        print("measured here: " + "; ".join(
+            f"{name} decode {f['decode_ms']:.2f} ms, step {f['step_ms']:.2f} ms"
+            for name, f in figures.items()))
+    worst = max(report["parity"].values())
+    print(f"built backend {report['backend']} ({json.dumps(report['built'])}); "
+          f"parity with torch {worst:.1e} (relative, worst graph); caches in {report['engines']}")
     return 0
 
 
@@ -265,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what is finetuned (default: calibration.method)")
     cal.add_argument("--json", action="store_true", help="print the metrics as JSON")
     cal.set_defaults(handler=cmd_calibrate)
+
+    comp = commands.add_parser("compile", parents=[common],
+                               help="export a bundle to ONNX and build its inference engine")
+    comp.add_argument("--bundle", type=Path, required=True, help="bundle directory")
+    comp.add_argument("--backend", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                      help="backend to build (default: engine.backend)")
+    comp.add_argument("--json", action="store_true", help="print the report as JSON")
+    comp.set_defaults(handler=cmd_compile)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

@@ -15,3 +15,7 @@ class SessionFormatError(RtnfError):
 
 class BundleError(RtnfError):
     """A calibration bundle is missing, malformed, modified or truncated (names bundle and file)."""
+
+
+class EngineError(RtnfError):
+    """An inference backend cannot be used or built here (message names backend and cause)."""

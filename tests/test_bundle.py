@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from rtnf import bundle
 from rtnf.config import load_config
-from rtnf.train import bundle
-from rtnf.train.bundle import (BundleError, BundleWriter, load_manifest, sha256_file,
+from rtnf.bundle import (BundleError, BundleWriter, load_manifest, sha256_file,
                                verify_bundle, write_json)
 
 CONFIG = load_config()

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rtnf.bundle import verify_bundle
 from rtnf.config import load_config
 from rtnf.data.sim import simulate
 from rtnf.errors import RtnfError
+from rtnf.model.checkpoint import load_checkpoint
 from rtnf.train import calibrate as calibrate_module
 from rtnf.train.baselines import decoder_from_state
-from rtnf.train.bundle import verify_bundle
 from rtnf.train.calibrate import calibrate, split_session
-from rtnf.train.checkpoint import load_checkpoint
 from rtnf.train.pretrain import pretrain
 
 TINY = ["simulation.sessions=3", "simulation.neurons=30", "simulation.minutes=1.2",

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from rtnf.config import load_config
 from rtnf.data.sim import simulate
 from rtnf.errors import RtnfError
-from rtnf.train.checkpoint import load_checkpoint
+from rtnf.model.checkpoint import load_checkpoint
 from rtnf.train.optim import learning_rate_at
 from rtnf.train.pretrain import pretrain
 

@@ -32,25 +32,35 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from rtnf.model.history import stacked
 from rtnf.model.layers import blocked, rotary_angles
 from rtnf.model.neuroformer import Context, Neuroformer
+from rtnf.model.spec import ModelDims, ModelSpec
 
 GRAPHS = ("history", "context", "decode", "step")
 
 
-def rotary_inputs(bins: torch.Tensor, model: Neuroformer) -> dict[str, torch.Tensor]:
+def rotary_inputs(bins: torch.Tensor, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """`rotary_cos`, `rotary_sin` (B, L, D/2) for absolute time `bins` (B, L)."""
-    cos, sin = rotary_angles(bins, model.spec.head_dim, model.spec.rotary_base)
+    cos, sin = rotary_angles(bins, spec.head_dim, spec.rotary_base)
     return {"rotary_cos": cos, "rotary_sin": sin}
 
 
-def context_names(model: Neuroformer) -> tuple[str, ...]:
+def context_stages(spec: ModelSpec, dims: ModelDims) -> tuple[str, ...]:
+    """The optional cross-attention stages a model has: "frame", "behavior"."""
+    stages = []
+    if dims.frame_shape is not None and spec.n_frame_layers:
+        stages.append("frame")
+    if dims.behavior_inputs and spec.n_behavior_layers:
+        stages.append("behavior")
+    return tuple(stages)
+
+
+def context_names(spec: ModelSpec, dims: ModelDims) -> tuple[str, ...]:
     """The cross-attention context inputs of `decode` and `step`, in order."""
     names = ["history_keys", "history_values", "history_mask"]
-    if len(model.frame_blocks):
-        names += ["frame_keys", "frame_values"]
-    if len(model.behavior_blocks):
-        names += ["behavior_keys", "behavior_values"]
+    for stage in context_stages(spec, dims):
+        names += [f"{stage}_keys", f"{stage}_values"]
     return tuple(names)
 
 
@@ -83,6 +93,7 @@ class Graph(nn.Module):
                              persistent=False)
         self.register_buffer("session_row", torch.as_tensor(session_row, dtype=torch.long),
                              persistent=False)
+        self.context_inputs = context_names(model.spec, model.dims)
         self.inputs, self.outputs = self.io()
 
     def io(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -115,9 +126,8 @@ class HistoryGraph(Graph):
 
     def compute(self, units: torch.Tensor, rotary_cos: torch.Tensor, rotary_sin: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        layers = self.model.history_keys_values(units, (rotary_cos, rotary_sin),
-                                                self.unit_rows, self.session_row)
-        return torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
+        return stacked(self.model.history_keys_values(units, (rotary_cos, rotary_sin),
+                                                      self.unit_rows, self.session_row))
 
 
 class ContextGraph(Graph):
@@ -126,14 +136,10 @@ class ContextGraph(Graph):
     name = "context"
 
     def io(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        inputs, outputs = [], []
-        if len(self.model.frame_blocks):
-            inputs.append("frames")
-            outputs += ["frame_keys", "frame_values"]
-        if len(self.model.behavior_blocks):
-            inputs.append("behavior_inputs")
-            outputs += ["behavior_keys", "behavior_values"]
-        return tuple(inputs), tuple(outputs)
+        stages = context_stages(self.model.spec, self.model.dims)
+        inputs = [{"frame": "frames", "behavior": "behavior_inputs"}[stage] for stage in stages]
+        return tuple(inputs), tuple(f"{stage}_{kind}" for stage in stages
+                                    for kind in ("keys", "values"))
 
     def compute(self, frames: torch.Tensor | None = None,
                 behavior_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -142,7 +148,7 @@ class ContextGraph(Graph):
                                (behavior_inputs, self.model.behavior_context)):
             if values is not None:
                 layers, _ = encode(values)
-                outputs += [torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])]
+                outputs += stacked(layers)
         return tuple(outputs)
 
 
@@ -152,8 +158,8 @@ class DecodeGraph(Graph):
     name = "decode"
 
     def io(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (("units", "dts", "rotary_cos", "rotary_sin") + context_names(self.model),
-                ("behavior", "log_rates"))
+        return ("units", "dts", "rotary_cos", "rotary_sin", *self.context_inputs), (
+            "behavior", "log_rates")
 
     def compute(self, units: torch.Tensor, dts: torch.Tensor, rotary_cos: torch.Tensor,
                 rotary_sin: torch.Tensor, **context: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -170,7 +176,7 @@ class StepGraph(Graph):
 
     def io(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (("unit", "dt", "position", "rotary_cos", "rotary_sin", "cache_keys",
-                 "cache_values") + context_names(self.model),
+                 "cache_values", *self.context_inputs),
                 ("unit_logits", "dt_logits", "cache_keys_out", "cache_values_out"))
 
     def compute(self, unit: torch.Tensor, dt: torch.Tensor, position: torch.Tensor,
@@ -199,10 +205,10 @@ def session_graphs(model: Neuroformer, unit_rows: torch.Tensor, session_row: tor
     return {name: graph for name, graph in graphs.items() if graph.inputs}
 
 
-def cache_shape(model: Neuroformer, batch: int = 1) -> tuple[int, ...]:
+def cache_shape(spec: ModelSpec, dims: ModelDims, batch: int = 1) -> tuple[int, ...]:
     """Shape of the step's `cache_keys` / `cache_values`."""
-    layers = len(model.current_blocks) + len(model.decoder_blocks)
-    return (layers, batch, model.spec.n_head, model.dims.current_capacity, model.spec.head_dim)
+    layers = spec.n_current_layers + spec.n_decoder_layers
+    return (layers, batch, spec.n_head, dims.current_capacity, spec.head_dim)
 
 
 def example_inputs(graph: Graph, generator: torch.Generator, tokens: int = 12,
@@ -227,17 +233,19 @@ def example_inputs(graph: Graph, generator: torch.Generator, tokens: int = 12,
         "units": ints(n_units, 1, length), "dts": ints(dims.current_bins, 1, length).sort().values,
         "unit": ints(n_units, 1, 1), "dt": ints(dims.current_bins, 1, 1),
         "position": ints(dims.current_capacity, 1),
-        **rotary_inputs(ints(10_000_000, 1, length), model),
-        "cache_keys": normal(*cache_shape(model)), "cache_values": normal(*cache_shape(model)),
+        **rotary_inputs(ints(10_000_000, 1, length), spec),
+        "cache_keys": normal(*cache_shape(spec, dims)),
+        "cache_values": normal(*cache_shape(spec, dims)),
         **keys_values("history", len(model.history_blocks), history),
         "history_mask": blocked(torch.rand((1, 1, 1, history), generator=generator) > 0.2),
     }
     values["history_mask"][..., 0] = 0.0  # the SOS key: never a fully masked row
-    if len(model.frame_blocks):
+    stages = context_stages(spec, dims)
+    if "frame" in stages:
         values["frames"] = ints(256, 1, *dims.frame_shape).to(torch.uint8)
         values.update(keys_values("frame", len(model.frame_blocks),
                                   model.frame_tokenizer.n_tokens))
-    if len(model.behavior_blocks):
+    if "behavior" in stages:
         values["behavior_inputs"] = normal(1, len(dims.behavior_inputs))
         values.update(keys_values("behavior", len(model.behavior_blocks),
                                   len(dims.behavior_inputs)))

@@ -1,1 +1,1 @@
-"""The Neuroformer model: spec and presets, layers, generation with a KV cache, incremental history."""
+"""The Neuroformer model: spec, layers, generation (KV cache), incremental history, checkpoints."""

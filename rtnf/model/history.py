@@ -31,10 +31,15 @@ def model_keys_values(model: Neuroformer, unit_rows: torch.Tensor, session_row: 
                       ) -> KeysValuesFunction:
     """The torch model's history keys/values for one session's units."""
     def keys_values(units: torch.Tensor, bins: torch.Tensor) -> KeysValues:
-        layers = model.history_keys_values(units, model.rotary(bins), unit_rows, session_row)
-        return torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
+        return stacked(model.history_keys_values(units, model.rotary(bins), unit_rows,
+                                                 session_row))
 
     return keys_values
+
+
+def stacked(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KeysValues:
+    """One (keys, values) pair per layer -> keys and values stacked over layers."""
+    return torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
 
 
 def as_layers(keys_values: KeysValues) -> list[tuple[torch.Tensor, torch.Tensor]]:

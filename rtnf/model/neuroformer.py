@@ -175,7 +175,8 @@ class Neuroformer(nn.Module):
         return torch.where(is_unit[..., None], units, specials) + self.session_embedding(
             session_row)
 
-    def token_bins(self, dts: torch.Tensor, start_bin: torch.Tensor, n_bins: int) -> torch.Tensor:
+    @staticmethod
+    def token_bins(dts: torch.Tensor, start_bin: torch.Tensor, n_bins: int) -> torch.Tensor:
         """Absolute time bins of tokens: window start + dt; special tokens sit at the start."""
         return start_bin[:, None] + torch.where(dts < n_bins, dts, torch.zeros_like(dts))
 

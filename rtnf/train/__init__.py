@@ -1,1 +1,1 @@
-"""Training: datasets, losses, the training loop, checkpoints."""
+"""Training: datasets, the training loop, pretraining, calibration, baselines, reports."""

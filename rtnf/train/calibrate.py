@@ -13,7 +13,7 @@ Stages, in order:
    oracle (the true rates);
 6. the verdict: the model is used only if it beats the best baseline on the validation block
    (when `require_beats_baseline`); otherwise the ridge decoder is recorded as the fallback;
-7. the bundle, written atomically (`rtnf.train.bundle`), with the report.
+7. the bundle, written atomically (`rtnf.bundle`), with the report.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from rtnf.bundle import UNITS, BundleWriter, write_json
 from rtnf.config import Config
 from rtnf.data.session import Session
 from rtnf.errors import RtnfError
+from rtnf.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import spec_from_config
 from rtnf.model.vocabulary import Vocabulary
 from rtnf.tokens import TokenSpec, window_ends
 from rtnf.train.baselines import decoding_scores, evaluate, fit_baselines
-from rtnf.train.bundle import BundleWriter, write_json
-from rtnf.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rtnf.train.dataset import (Normalization, SessionWindows, behavior_before,
                                 contiguous_split, dims_for_sessions)
 from rtnf.train.finetune import finetune
@@ -261,7 +261,7 @@ def _write_bundle(out: str | Path, config: Config, source: dict[str, Any],
         save_checkpoint(Checkpoint(prepared.model, prepared.vocabulary, normalization.to_dict(),
                                    config.to_dict(), {"calibration": metrics["verdict"]}),
                         staging)
-        write_json(staging / "units.json", {
+        write_json(staging / UNITS, {
             "unit_ids": [int(u) for u in unit_ids],
             "rows": [int(r) for r in prepared.unit_rows],
             "session_row": int(prepared.session_row),

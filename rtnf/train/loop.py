@@ -28,11 +28,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rtnf.config import TrainingConfig
+from rtnf.model.checkpoint import (Checkpoint, load_training_state, save_checkpoint,
+                                   save_training_state)
 from rtnf.model.inputs import ModelInputs, ModelTargets
 from rtnf.model.losses import losses
 from rtnf.model.neuroformer import Neuroformer
-from rtnf.train.checkpoint import (Checkpoint, load_training_state, save_checkpoint,
-                                   save_training_state)
 from rtnf.train.dataset import TrainingData
 from rtnf.train.metrics import bits_per_spike
 from rtnf.train.optim import build_optimizer, learning_rate_at

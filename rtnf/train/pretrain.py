@@ -25,9 +25,9 @@ from rtnf.data.io import read_session
 from rtnf.data.session import Session
 from rtnf.data.sim import simulate
 from rtnf.errors import RtnfError
+from rtnf.model.checkpoint import Checkpoint, load_checkpoint
 from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import spec_from_config
-from rtnf.train.checkpoint import Checkpoint, load_checkpoint
 from rtnf.train.dataset import SessionWindows, TrainingData, dims_for_sessions
 from rtnf.train.loop import Distributed, train
 

@@ -9,8 +9,8 @@ machine and library versions, and rebuilt when stale, so it changes legitimately
 
 `BundleWriter` builds a bundle in a sibling staging directory and swaps it into place with two
 renames (existing bundle -> sibling backup, staging -> final), so the final path only ever holds a
-complete bundle. A crash between the two renames leaves only the backup; the next write or load
-puts it back. `verify_bundle` refuses a bundle whose files do not match its manifest. One writer
+complete bundle; `BundleAmender` adds files to a bundle the same way (from a copy of it). A
+crash between the two renames leaves only the backup; the next write or load puts it back. `verify_bundle` refuses a bundle whose files do not match its manifest. One writer
 at a time is assumed.
 """
 
@@ -23,25 +23,26 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PureWindowsPath
 from types import TracebackType
 from typing import Any
 
-import numpy
+import numpy as np
 import torch
 
 from rtnf import __version__
-from rtnf.config import Config
+from rtnf.config import Config, load_config
 from rtnf.errors import BundleError
-from rtnf.train.checkpoint import atomic_write
+from rtnf.model.checkpoint import Checkpoint, atomic_write, load_checkpoint
 
 FORMAT = "rtnf-bundle"
 FORMAT_VERSION = 1
-MANIFEST, CONFIG = "manifest.json", "config.yaml"
+MANIFEST, CONFIG, UNITS = "manifest.json", "config.yaml", "units.json"
 ENGINES = "engines"
 WRITER_FIELDS = ("format", "format_version", "created", "versions", "config_digest", "source",
-                 "files")
+                 "files", "amended")
 CHUNK_BYTES = 1 << 20
 
 
@@ -69,7 +70,7 @@ class BundleWriter:
     finalising) the staging directory is removed and any previous bundle is left untouched.
     """
 
-    def __init__(self, final_dir: str | Path, config: Config, source: Mapping[str, Any],
+    def __init__(self, final_dir: str | Path, config: Config | None, source: Mapping[str, Any],
                  extra_manifest: Mapping[str, Any] | None = None) -> None:
         self.final_dir = Path(final_dir)
         self.config = config
@@ -100,20 +101,56 @@ class BundleWriter:
 
     def _finalise(self) -> None:
         (self.staging / CONFIG).write_text(self.config.to_yaml())
-        files = {relative: {"size": (self.staging / relative).stat().st_size,
-                            "sha256": sha256_file(self.staging / relative)}
-                 for relative in _bundle_files(self.staging)}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"rtnf": __version__, "torch": torch.__version__,
-                         "numpy": numpy.__version__, "python": platform.python_version()},
+            "created": _now(), "versions": _versions(),
             "config_digest": self.config.digest(), "source": self.source, **self.extra,
-            "files": files,
         }
-        write_json(self.staging / MANIFEST, manifest)
-        _fsync_tree(self.staging)
-        _swap_into_place(self.staging, self.final_dir)
+        _seal(self.staging, manifest, self.final_dir)
+
+
+class BundleAmender(BundleWriter):
+    """Add or replace files of an existing, verified bundle atomically (e.g. the ONNX graphs
+    `rtnf compile` exports): `with BundleAmender(bundle, extra) as staging: <write files>`.
+
+    The staging directory starts as a copy of the bundle; on a clean exit the manifest keeps
+    its fields, takes `extra_manifest`'s, records when and by which versions it was amended and
+    hashes every file again, and the copy replaces the bundle as `BundleWriter` does.
+    """
+
+    def __init__(self, directory: str | Path, extra_manifest: Mapping[str, Any]) -> None:
+        self.manifest = verify_bundle(directory)
+        super().__init__(directory, None, self.manifest["source"], extra_manifest)
+
+    def __enter__(self) -> Path:
+        staging = super().__enter__()
+        shutil.copytree(self.final_dir, staging, dirs_exist_ok=True)
+        (staging / MANIFEST).unlink()
+        return staging
+
+    def _finalise(self) -> None:
+        manifest = {key: value for key, value in self.manifest.items() if key != "files"}
+        manifest.update(self.extra, amended={"at": _now(), "versions": _versions()})
+        _seal(self.staging, manifest, self.final_dir)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    return {"rtnf": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _seal(staging: Path, manifest: dict[str, Any], final_dir: Path) -> None:
+    """Hash every file of `staging` into `manifest`, write it, persist, swap into place."""
+    manifest["files"] = {relative: {"size": (staging / relative).stat().st_size,
+                                    "sha256": sha256_file(staging / relative)}
+                         for relative in _bundle_files(staging)}
+    write_json(staging / MANIFEST, manifest)
+    _fsync_tree(staging)
+    _swap_into_place(staging, final_dir)
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:
@@ -250,3 +287,35 @@ def file_source(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     return {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path),
             "size": path.stat().st_size}
+
+
+@dataclass
+class Bundle:
+    """A verified bundle, loaded: what the engines and the loop need from it."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    config: Config
+    checkpoint: Checkpoint
+    unit_ids: np.ndarray  # (N,) the calibration session's unit ids, in local order
+    unit_rows: torch.Tensor  # (N,) the model's table row of each local unit
+    session_row: torch.Tensor  # () the model's session row
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Verify every file of the bundle against its manifest, then load it."""
+    directory = Path(directory)
+    manifest = verify_bundle(directory)
+    units_path = directory / UNITS
+    try:
+        units = json.loads(units_path.read_text())
+        unit_ids = np.asarray(units["unit_ids"], dtype=np.int64)
+        rows = torch.as_tensor(units["rows"], dtype=torch.long)
+        session_row = torch.tensor(int(units["session_row"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"bundle {directory}: {UNITS} is not a unit map ({exc!r})") from None
+    if rows.shape != unit_ids.shape:
+        raise BundleError(f"bundle {directory}: {UNITS} has {unit_ids.size} unit ids but "
+                          f"{rows.numel()} rows")
+    return Bundle(directory, manifest, load_config([directory / CONFIG]),
+                  load_checkpoint(directory), unit_ids, rows, session_row)

@@ -1,0 +1,68 @@
+"""The ONNX Runtime backend (CPU): one InferenceSession per exported graph.
+
+Sessions run sequentially with `engine.threads` intra-op threads and one inter-op thread, all
+graph optimisations on, and thread spinning as `engine.spin` says (off is often better on a
+small machine, where spinning threads steal the core the loop needs). The optimised graph is
+saved under the bundle's engines/ directory, keyed by ONNX Runtime version and processor,
+since the optimiser's layout choices are specific to both; later starts load it directly.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, models: dict[str, Path], cache_dir: Path | None, threads: int,
+                 spin: bool):
+        import onnxruntime
+
+        self.threads, self.spin = threads, spin
+        levels = onnxruntime.GraphOptimizationLevel
+        self.sessions: dict[str, Any] = {}
+        self.inputs: dict[str, list[str]] = {}
+        self.outputs: dict[str, list[str]] = {}
+        if cache_dir is not None:
+            cache_dir = cache_dir / f"onnxruntime-{onnxruntime.__version__}-{platform.machine()}"
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = cache_dir
+        for name, path in models.items():
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+            options.add_session_config_entry("session.intra_op.allow_spinning",
+                                             "1" if spin else "0")
+            options.log_severity_level = 3  # errors only
+            source = Path(path)
+            optimised = None if cache_dir is None else cache_dir / f"{name}.optimized.onnx"
+            if optimised is not None and optimised.is_file():
+                options.graph_optimization_level = levels.ORT_DISABLE_ALL
+                source = optimised
+            else:
+                options.graph_optimization_level = levels.ORT_ENABLE_ALL
+                if optimised is not None:
+                    options.optimized_model_filepath = str(optimised)
+            session = onnxruntime.InferenceSession(str(source), options,
+                                                   providers=["CPUExecutionProvider"])
+            self.sessions[name] = session
+            self.inputs[name] = [item.name for item in session.get_inputs()]
+            self.outputs[name] = [item.name for item in session.get_outputs()]
+
+    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        feeds = {name: inputs[name].numpy() for name in self.inputs[graph]}
+        outputs = self.sessions[graph].run(self.outputs[graph], feeds)
+        return tuple(torch.from_numpy(out) for out in outputs)
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime
+
+        return {"backend": self.name, "device": "cpu", "onnxruntime": onnxruntime.__version__,
+                "threads": self.threads, "spin": self.spin,
+                "optimized_graphs": None if self.cache_dir is None else str(self.cache_dir)}

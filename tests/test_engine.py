@@ -1,0 +1,234 @@
+"""Engines: graphs vs the model, ONNX export, backend parity, selection, `rtnf compile`."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from rtnf.bundle import UNITS, BundleWriter, load_bundle, verify_bundle, write_json
+from rtnf.config import EngineConfig, SimulationConfig, WindowsConfig, load_config
+from rtnf.data.sim import simulate
+from rtnf.engine.compile import compile_bundle
+from rtnf.engine.select import make_backend, open_engine, resolve, tensorrt_unavailable
+from rtnf.errors import EngineError
+from rtnf.model.checkpoint import Checkpoint, save_checkpoint
+from rtnf.model.generation import Sampling, generate_window
+from rtnf.model.history import HistoryCache, as_layers, model_keys_values
+from rtnf.model.inputs import inputs_from_tokens
+from rtnf.model.neuroformer import Neuroformer
+from rtnf.model.spec import PRESETS, ModelDims
+from rtnf.model.vocabulary import Vocabulary
+from rtnf.tokens import TokenSpec, absolute_bins, tokenize_windows, window_ends
+
+SPEC = dataclasses.replace(PRESETS["rt-small"], n_embd=32, n_head=2, n_current_layers=1,
+                           n_history_layers=2, n_frame_encoder_layers=1, n_frame_layers=1,
+                           n_behavior_layers=1, n_decoder_layers=1, dropout=0.0,
+                           temporal_hidden=16)
+WINDOWS = WindowsConfig(hop=0.05, current=0.05, history=0.15, current_capacity=40,
+                        history_capacity=30)
+FRAMES = (3, 24, 32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def session():
+    (s,) = simulate(SimulationConfig(neurons=40, minutes=0.3, seed=5), "ephys")
+    return s
+
+
+@pytest.fixture(scope="module")
+def token_spec(session) -> TokenSpec:
+    return TokenSpec.from_config(WINDOWS, session.n_units)
+
+
+def write_bundle(session, out):
+    """A bundle holding a small random model with every stage (frames, behaviour inputs)."""
+    torch.manual_seed(0)
+    vocabulary = Vocabulary()
+    rows, session_row = vocabulary.add_session(session)
+    dims = ModelDims(current_bins=5, history_bins=15, current_capacity=WINDOWS.current_capacity,
+                     history_capacity=WINDOWS.history_capacity, frame_shape=FRAMES,
+                     behavior_inputs=("speed",))
+    model = Neuroformer(SPEC, dims, vocabulary.n_units, vocabulary.n_sessions).eval()
+    config = load_config(overrides=[f"windows.current_capacity={WINDOWS.current_capacity}",
+                                    f"windows.history_capacity={WINDOWS.history_capacity}"])
+    with BundleWriter(out, config, {"kind": "test"}) as staging:
+        save_checkpoint(Checkpoint(model, vocabulary, config=config.to_dict()), staging)
+        write_json(staging / UNITS, {"unit_ids": session.unit_ids.tolist(),
+                                     "rows": [int(r) for r in rows],
+                                     "session_row": int(session_row)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(session, tmp_path_factory):
+    return write_bundle(session, tmp_path_factory.mktemp("bundles") / "b")
+
+
+@pytest.fixture(scope="module")
+def compiled(bundle_dir):
+    return compile_bundle(bundle_dir, EngineConfig(backend="onnxruntime", threads=1))
+
+
+def window_inputs(session, token_spec, bundle, ends):
+    tokens = tokenize_windows(session.spike_times, session.spike_unit_index, ends, token_spec)
+    rng = np.random.default_rng(1)
+    clip = rng.integers(0, 256, (ends.size, *FRAMES), dtype=np.uint8)
+    behavior = rng.standard_normal((ends.size, 1))
+    return inputs_from_tokens(tokens, ends, token_spec, bundle.unit_rows, bundle.session_row,
+                              clip, behavior)
+
+
+def slide(engine_or_model, session, token_spec, bundle, ends):
+    """Decode windows hop by hop, the history's keys/values cached per spike: with an
+    `Engine`, or (reference) the torch model on the same cached history."""
+    model = bundle.checkpoint.model
+    keys_values = (model_keys_values(model, bundle.unit_rows, bundle.session_row)
+                   if engine_or_model is model else engine_or_model.history_keys_values)
+    cache = HistoryCache(keys_values, session.n_units, token_spec)
+    added_until, outputs = 0.0, []
+    for end in ends:
+        new = (session.spike_times >= added_until) & (session.spike_times < end - WINDOWS.current)
+        cache.add(session.spike_unit_index[new],
+                  absolute_bins(session.spike_times[new], end, token_spec))
+        added_until = end - WINDOWS.current
+        inputs = window_inputs(session, token_spec, bundle, np.array([end])).trimmed()
+        history = cache.window(int(inputs.history_start_bin[0]))
+        if engine_or_model is model:
+            with torch.inference_mode():
+                out = model(inputs, model.context(inputs, history=as_layers(history)))
+            outputs.append((out.behavior, out.log_rates))
+        else:
+            context = engine_or_model.context(history, inputs.frames, inputs.behavior_inputs)
+            outputs.append(engine_or_model.decode(inputs.current_units, inputs.current_dts,
+                                                  int(inputs.current_start_bin[0]), context))
+    return outputs
+
+
+def test_torch_engine_decodes_and_generates_like_the_model(session, token_spec, bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    engine = open_engine(bundle, EngineConfig(threads=1), "torch")
+    ends = window_ends(0.0, session.duration, WINDOWS, full_history=True)[10:25]
+    for (behavior, rates), (ref_behavior, ref_rates) in zip(
+            slide(engine, session, token_spec, bundle, ends),
+            slide(bundle.checkpoint.model, session, token_spec, bundle, ends)):
+        torch.testing.assert_close(behavior, ref_behavior, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rates, ref_rates, atol=1e-5, rtol=1e-4)
+
+    inputs = window_inputs(session, token_spec, bundle, ends[:1])
+    reference = generate_window(bundle.checkpoint.model, inputs, Sampling(greedy=True))
+    context = engine.context(
+        model_keys_values(bundle.checkpoint.model, bundle.unit_rows, bundle.session_row)(
+            *_history_tokens(inputs)), inputs.frames, inputs.behavior_inputs)
+    generated = engine.generate(int(inputs.current_start_bin[0]), context, Sampling(greedy=True))
+    assert torch.equal(generated.units, reference.units)
+    assert torch.equal(generated.dts, reference.dts)
+
+
+def _history_tokens(inputs):
+    """The window's history tokens (SOS + spikes, no padding) and their absolute bins."""
+    kept = inputs.history_units[0] != inputs.n_units + 2
+    kept &= inputs.history_units[0] != inputs.n_units + 1
+    units, dts = inputs.history_units[:, kept], inputs.history_dts[:, kept]
+    n_bins = round(WINDOWS.history / WINDOWS.dt_resolution)
+    return units, Neuroformer.token_bins(dts, inputs.history_start_bin, n_bins)
+
+
+def test_compile_exports_checked_onnx_and_updates_the_manifest(compiled, bundle_dir):
+    assert compiled["backend"] == "onnxruntime"
+    assert set(compiled["onnx"]) == {"history", "context", "decode", "step"}
+    assert max(compiled["parity"].values()) <= 1e-4
+    assert max(record["parity"] for record in compiled["onnx"].values()) <= 1e-4
+    manifest = verify_bundle(bundle_dir)
+    assert manifest["onnx"]["opset"] >= 17 and "amended" in manifest
+    for name in compiled["onnx"]:
+        path = bundle_dir / "onnx" / f"{name}.onnx"
+        assert f"onnx/{name}.onnx" in manifest["files"]
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        for tensor in model.graph.initializer:  # finite masks: no -inf constant anywhere
+            assert np.isfinite(onnx.numpy_helper.to_array(tensor)).all(), tensor.name
+    optimised = list((bundle_dir / "engines").glob("onnxruntime-*/*.optimized.onnx"))
+    assert len(optimised) == 4
+
+
+def test_onnxruntime_engine_matches_torch_on_real_windows(compiled, session, token_spec,
+                                                          bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    ends = window_ends(0.0, session.duration, WINDOWS, full_history=True)[30:40]
+    engines = {name: open_engine(bundle, EngineConfig(threads=1), name)
+               for name in ("onnxruntime", "torch")}
+    decoded = {name: slide(engine, session, token_spec, bundle, ends)
+               for name, engine in engines.items()}
+    for (behavior, rates), (ref_behavior, ref_rates) in zip(decoded["onnxruntime"],
+                                                             decoded["torch"]):
+        torch.testing.assert_close(behavior, ref_behavior, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rates, ref_rates, atol=1e-4, rtol=1e-4)
+    inputs = window_inputs(session, token_spec, bundle, ends[:1])
+    history = engines["torch"].history_keys_values(*_history_tokens(inputs))
+    windows = [engine.generate(int(inputs.current_start_bin[0]),
+                               engine.context(history, inputs.frames, inputs.behavior_inputs),
+                               Sampling(greedy=True), spikes=12)
+               for engine in engines.values()]
+    assert torch.equal(windows[0].units, windows[1].units)
+
+
+def test_a_tampered_onnx_graph_is_refused(compiled, bundle_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    path = copy / "onnx" / "step.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="onnx/step.onnx was modified or truncated"):
+        load_bundle(copy)
+
+
+def test_backend_selection_without_tensorrt(compiled, bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    engine = EngineConfig(threads=1)
+    assert tensorrt_unavailable() is not None  # no GPU / TensorRT on the machines here
+    with pytest.raises(EngineError, match=r"^engine.backend = tensorrt: ") as error:
+        resolve("tensorrt", bundle, engine)
+    assert "\n" not in str(error.value)
+    assert resolve("auto", bundle, engine) in ("onnxruntime", "torch")
+    with pytest.raises(EngineError, match="expected auto, onnxruntime, torch or tensorrt"):
+        make_backend("tpu", bundle, engine)
+
+
+def test_auto_on_cpu_is_measured_and_recorded(bundle_dir):
+    report = compile_bundle(bundle_dir, EngineConfig(backend="auto", threads=1))
+    choice = report["cpu_choice"]
+    assert choice["chosen"] in ("onnxruntime", "torch") and report["backend"] == choice["chosen"]
+    assert all(figures["decode_ms"] > 0 for figures in choice["median_ms"].values())
+    assert resolve("auto", load_bundle(bundle_dir), EngineConfig(threads=1)) == choice["chosen"]
+
+
+def test_uncompiled_bundle_says_how_to_compile(session, tmp_path):
+    bundle = load_bundle(write_bundle(session, tmp_path / "fresh"))
+    with pytest.raises(EngineError, match="no ONNX graphs yet .run: rtnf compile --bundle"):
+        resolve("onnxruntime", bundle, EngineConfig())
+    assert resolve("auto", bundle, EngineConfig()) == "torch"
+
+
+def test_compile_command_prints_what_it_built(bundle_dir):
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "compile", "--bundle",
+                             str(bundle_dir), "--backend", "torch", "--set", "engine.threads=1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "built backend torch" in result.stdout and "parity with torch" in result.stdout
