@@ -179,6 +179,18 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from rtnf.bench.engine_speed import format_table, run
+
+    config = _config(args, [f"model.preset={args.preset}"] if args.preset else [])
+    report = run(config, repeats=args.repeats)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
 # ----------------------------------------------------------------------------- simulate
 
 
@@ -310,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--out", type=Path, help="also write the JSON report here")
     model.add_argument("--json", action="store_true", help="print the JSON report")
     model.set_defaults(handler=cmd_bench_model)
+    engine = bench_commands.add_parser(
+        "engine", parents=[common],
+        help="engine speed per backend: decode, AR step, generation, history length")
+    engine.add_argument("--preset", help="model preset (default: model.preset)")
+    engine.add_argument("--repeats", type=int, default=100, help="windows timed per figure")
+    engine.add_argument("--out", type=Path, help="also write the JSON report here")
+    engine.add_argument("--json", action="store_true", help="print the JSON report")
+    engine.set_defaults(handler=cmd_bench_engine)
 
     sim = commands.add_parser("simulate", parents=[common],
                               help="simulate a rig: write session files and/or stream live")

@@ -42,19 +42,19 @@ DECODE_TOKENS = 64
 HISTORIES_S = (0.15, 1.0)
 
 
-def _percentiles(seconds: list[float]) -> dict[str, float]:
+def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "max_ms": float(ms.max()), "runs": int(ms.size)}
 
 
-def _timed(call: Callable[[], Any]) -> float:
+def timed(call: Callable[[], Any]) -> float:
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
 
 
-def _with_current_length(tokens: SampleTokens, count: int, spec: TokenSpec) -> SampleTokens:
+def with_current_length(tokens: SampleTokens, count: int, spec: TokenSpec) -> SampleTokens:
     """`tokens` with the current sequence replaced by exactly `count` tokens (SOS, count - 2
     spikes of successive units spread evenly over the window's bins, EOS), so every preset and
     machine decodes the same length; the history stays the real one."""
@@ -70,7 +70,7 @@ def _with_current_length(tokens: SampleTokens, count: int, spec: TokenSpec) -> S
     return dataclasses.replace(tokens, current=current)
 
 
-def _windows(config: Config, session: Session, ends: np.ndarray, history_s: float
+def session_windows(config: Config, session: Session, ends: np.ndarray, history_s: float
              ) -> SessionWindows:
     """The session's windows ending at `ends`, with `history_s` of history, ready to batch."""
     config = dataclasses.replace(config,
@@ -91,7 +91,7 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
     current = config.windows.current
     ends = window_ends(session.start_time, session.end_time, config.windows, full_history=True)
     ends = ends[ends >= max(HISTORIES_S) + current][:repeats + 1]
-    windows = {h: _windows(config, session, ends, h) for h in HISTORIES_S}
+    windows = {h: session_windows(config, session, ends, h) for h in HISTORIES_S}
     short = windows[HISTORIES_S[0]]
     model = Neuroformer(spec_from_config(config), short.dims, n_units=session.n_units,
                         n_sessions=1).eval()
@@ -99,7 +99,7 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
     def inputs(history_s: float, index: int) -> ModelInputs:
         return windows[history_s].batch(np.array([index]))[0]
 
-    decode_tokens = _with_current_length(short.tokens[:1], DECODE_TOKENS, short.spec)
+    decode_tokens = with_current_length(short.tokens[:1], DECODE_TOKENS, short.spec)
     decode_inputs = inputs_from_tokens(decode_tokens, ends[:1], short.spec, short.unit_rows, 0,
                                        short.frames(np.array([0]))).trimmed()
 
@@ -123,21 +123,21 @@ def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, An
 
     model(decode_inputs)  # warm-up
     for index in range(len(ends)):
-        times.setdefault("decode_64_tokens", []).append(_timed(lambda: model(decode_inputs)))
+        times.setdefault("decode_64_tokens", []).append(timed(lambda: model(decode_inputs)))
         for history_s in HISTORIES_S:
             times.setdefault(f"slide_history_{history_s:g}s", []).append(
-                _timed(lambda: slide(history_s, index)))
+                timed(lambda: slide(history_s, index)))
     generation_inputs = inputs(HISTORIES_S[0], 0)
     for repeat in range(max(3, repeats // 10)):
         for spikes in GENERATION_SPIKES:
             for use_cache in (True, False):
                 name = f"generate_{spikes}_{'cached' if use_cache else 'recomputed'}"
                 generator = torch.Generator().manual_seed(repeat)
-                times.setdefault(name, []).append(_timed(lambda: generate_window(
+                times.setdefault(name, []).append(timed(lambda: generate_window(
                     model, generation_inputs, Sampling(), generator, use_cache=use_cache,
                     spikes=spikes)))
 
-    figures = {name: _percentiles(values) for name, values in times.items()}
+    figures = {name: percentiles(values) for name, values in times.items()}
     slide_short, slide_long = (figures[f"slide_history_{h:g}s"]["median_ms"]
                                for h in HISTORIES_S)
     kv = {spikes: figures[f"generate_{spikes}_recomputed"]["median_ms"]

@@ -64,7 +64,7 @@ def _attention(model: Neuroformer, inputs: ModelInputs, source: AttentionSource,
         query_units = F.pad(units[:, 1:], (0, 1), value=inputs.n_units + 2)
     if source == "self":
         block = model.current_blocks[0]
-        states, _ = _block_arguments(model, inputs, block)
+        states = _block_arguments(model, inputs, block)[0]
         normed = block.ln_attn(states)
         keys, _ = block.attn.keys_values(normed)
         length = states.shape[1]
