@@ -8,14 +8,21 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
 from rtnf.bundle import UNITS, BundleWriter, load_bundle, verify_bundle, write_json
 from rtnf.config import EngineConfig, SimulationConfig, WindowsConfig, load_config
 from rtnf.data.sim import simulate
-from rtnf.engine.compile import compile_bundle
+from rtnf.engine.buckets import bucket, in_chunks, lengths, pad_inputs, trim_outputs
+from rtnf.engine.compile import backend_parity, compile_bundle
+from rtnf.engine.export import relative_error
+from rtnf.engine.graphs import dynamic_axes, example_inputs, session_graphs
 from rtnf.engine.select import make_backend, open_engine, resolve, tensorrt_unavailable
+from rtnf.engine.tensorrt_plan import (FP16_PARITY, dimension_ranges, fp16_graph, plan_key,
+                                       profile_shapes)
+from rtnf.engine.torch_backend import TorchBackend
 from rtnf.errors import EngineError
 from rtnf.model.checkpoint import Checkpoint, save_checkpoint
 from rtnf.model.generation import Sampling, generate_window
@@ -232,3 +239,93 @@ def test_compile_command_prints_what_it_built(bundle_dir):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "built backend torch" in result.stdout and "parity with torch" in result.stdout
+
+
+def test_padding_to_buckets_changes_no_result(bundle_dir):
+    """What the CUDA-graph paths rely on: padded tokens, history and spikes, run and trimmed,
+    give the unpadded results."""
+    bundle = load_bundle(bundle_dir)
+    graphs = session_graphs(bundle.checkpoint.model, bundle.unit_rows, bundle.session_row)
+    model = bundle.checkpoint.model
+    unit_pad, dt_pad = int(bundle.unit_rows.numel()) + 2, model.dims.current_bins + 2
+    assert [bucket(n, 40) for n in (1, 8, 9, 33, 40)] == [8, 8, 16, 40, 40]
+    with pytest.raises(ValueError):
+        bucket(41, 40)
+    for name, graph in graphs.items():
+        inputs = example_inputs(graph, torch.Generator().manual_seed(4), tokens=11, history=21)
+        found = lengths(name, inputs)
+        sizes = {label: bucket(n, 64) for label, n in found.items()}
+        padded = pad_inputs(name, inputs, sizes, unit_pad, dt_pad)
+        assert all(padded[n].shape[a] == sizes[label] for n, axes in
+                   dynamic_axes(name, graph.inputs).items() for a, label in axes.items())
+        with torch.inference_mode():
+            expected = graph(*inputs.values())
+            actual = trim_outputs(name, graph.outputs, graph(*padded.values()), found)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    history = graphs["history"]
+    inputs = example_inputs(history, torch.Generator().manual_seed(5), history=23)
+    with torch.inference_mode():
+        chunked = in_chunks(lambda part: history(*part.values()), inputs, 23, 8)
+        for a, e in zip(chunked, history(*inputs.values())):
+            torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+def test_tensorrt_preparation_without_tensorrt(compiled, bundle_dir, tmp_path):
+    """Profiles, cache key and the fp16 graph are decided without TensorRT."""
+    model = load_bundle(bundle_dir).checkpoint.model
+    ranges = dimension_ranges(model.dims)
+    assert ranges["tokens"] == (1, 16, WINDOWS.current_capacity)
+    decode = profile_shapes(bundle_dir / "onnx" / "decode.onnx", ranges)
+    assert decode["units"] == ((1, 1), (1, 16), (1, WINDOWS.current_capacity))
+    low, typical, high = decode["history_keys"]
+    assert low[3] == 1 and high[3] == WINDOWS.history_capacity and low[:3] == high[:3]
+    assert "frame_keys" not in decode  # static inputs need no profile
+    base = ("NVIDIA H200", (9, 0), "10.14.1", "ab" * 32, "fp32", decode)
+    key = plan_key(*base)
+    assert plan_key(*base) == key and len(key) == 16
+    for changed in (("NVIDIA L4",), ((8, 9),), ("11.4.0",), ("cd" * 32,), ("fp16",)):
+        index = {"NVIDIA L4": 0, (8, 9): 1, "11.4.0": 2, "cd" * 32: 3, "fp16": 4}[changed[0]]
+        assert plan_key(*base[:index], changed[0], *base[index + 1:]) != key
+
+    graphs = session_graphs(model, load_bundle(bundle_dir).unit_rows,
+                            load_bundle(bundle_dir).session_row)
+    for name, graph in graphs.items():
+        target = fp16_graph(bundle_dir / "onnx" / f"{name}.onnx", tmp_path / f"{name}.onnx")
+        converted = onnx.shape_inference.infer_shapes(onnx.load(str(target)))
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in converted.graph.initializer)
+        types = {info.name: info.type.tensor_type.elem_type
+                 for info in (*converted.graph.value_info, *converted.graph.input)}
+        for node in converted.graph.node:  # LayerNorm and softmax run in fp32
+            if node.op_type in ("LayerNormalization", "Softmax"):
+                assert types[node.input[0]] == onnx.TensorProto.FLOAT, node.name
+        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        inputs = example_inputs(graph, torch.Generator().manual_seed(6))
+        actual = session.run(None, {n: v.numpy() for n, v in inputs.items()})
+        assert all(output.dtype == np.float32 for output in actual)
+        with torch.inference_mode():
+            expected = [out.numpy() for out in graph(*inputs.values())]
+        assert relative_error(actual, expected) <= FP16_PARITY, name
+
+
+@pytest.mark.skipif(tensorrt_unavailable() is not None, reason="needs an NVIDIA GPU + TensorRT")
+@pytest.mark.parametrize("precision, bound", [("fp32", 1e-4), ("fp16", FP16_PARITY)])
+def test_tensorrt_backend_matches_torch(compiled, bundle_dir, precision, bound):
+    bundle = load_bundle(bundle_dir)
+    backend = make_backend("tensorrt", bundle, EngineConfig(precision=precision))
+    graphs = session_graphs(bundle.checkpoint.model, bundle.unit_rows, bundle.session_row)
+    assert max(backend_parity(backend, graphs).values()) <= bound
+    rebuilt = make_backend("tensorrt", bundle, EngineConfig(precision=precision))
+    assert rebuilt.plans == backend.plans  # the cached plans are reused
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision, bound", [("fp32", 1e-4), ("fp16", FP16_PARITY)])
+def test_torch_cuda_graphs_match_torch_cpu(bundle_dir, precision, bound):
+    bundle = load_bundle(bundle_dir)
+    graphs = session_graphs(bundle.checkpoint.model, bundle.unit_rows, bundle.session_row)
+    backend = TorchBackend(session_graphs(load_bundle(bundle_dir).checkpoint.model,
+                                          bundle.unit_rows, bundle.session_row), 1, "cuda",
+                           precision)
+    assert max(backend_parity(backend, graphs).values()) <= bound
+    assert max(backend_parity(backend, graphs, seed=12).values()) <= bound  # replayed graphs

@@ -219,8 +219,9 @@ def _report(config: Config, model: Neuroformer, times: dict[str, dict[str, list[
 
 def format_table(report: dict[str, Any]) -> str:
     backends = report["backends"]
-    calls = list(next(iter(backends.values()))["figures"])
-    calls += [c for b in backends.values() for c in b["figures"] if c not in calls]
+    calls: list[str] = []
+    for backend in backends.values():
+        calls += [call for call in backend["figures"] if call not in calls]
     lines = [f"engine speed: {report['preset']} ({report['parameters'] / 1e6:.2f}M parameters), "
              f"{report['machine']['threads']} thread(s); median / p99 ms",
              "| call | " + " | ".join(backends) + " |", "|---|" + "---:|" * len(backends)]

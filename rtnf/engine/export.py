@@ -10,6 +10,7 @@ output's scale is recorded, and an export beyond `tolerance` is refused. Masks a
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtnf.engine.graphs import Graph, example_inputs
+from rtnf.engine.graphs import Graph, dynamic_axes, example_inputs
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
-
-# Dynamic axes: (input name, axis) -> dimension name.
-_DYNAMIC = {"units": {1: "tokens"}, "dts": {1: "tokens"}, "rotary_cos": {1: "tokens"},
-            "rotary_sin": {1: "tokens"}, "history_keys": {3: "history"},
-            "history_values": {3: "history"}, "history_mask": {3: "history"}}
+MAX_LENGTH = 65536  # upper bound of every dynamic axis (tokens, history, spikes)
 
 
 @dataclass(frozen=True)
@@ -43,21 +40,11 @@ def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> floa
 
 
 def _dynamic_shapes(graph: Graph) -> tuple[dict[int, torch.export.Dim] | None, ...]:
+    axes = dynamic_axes(graph.name, graph.inputs)
     dims: dict[str, torch.export.Dim] = {}
-    # The step's token axis is always 1; its rotary inputs stay static.
-    table = {k: v for k, v in _DYNAMIC.items()
-             if not (graph.name == "step" and k.startswith("rotary"))}
-    if graph.name == "history":
-        table = {name: {1: "spikes"} for name in ("units", "rotary_cos", "rotary_sin")}
-    shapes = []
-    for name in graph.inputs:
-        axes = table.get(name)
-        if axes is None:
-            shapes.append(None)
-            continue
-        shapes.append({axis: dims.setdefault(label, torch.export.Dim(label, min=1, max=65536))
-                       for axis, label in axes.items()})
-    return tuple(shapes)
+    return tuple({axis: dims.setdefault(label, torch.export.Dim(label, min=1, max=MAX_LENGTH))
+                  for axis, label in axes[name].items()} if name in axes else None
+                 for name in graph.inputs)
 
 
 def export_graph(graph: Graph, path: str | Path, seed: int = 0,
@@ -69,6 +56,7 @@ def export_graph(graph: Graph, path: str | Path, seed: int = 0,
     path = Path(path)
     generator = torch.Generator().manual_seed(seed)
     inputs = example_inputs(graph, generator)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes about absent torchvision
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, tuple(inputs.values()), dynamo=True,

@@ -64,6 +64,21 @@ def context_names(spec: ModelSpec, dims: ModelDims) -> tuple[str, ...]:
     return tuple(names)
 
 
+def dynamic_axes(graph: str, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    """The dynamic axes of `graph`'s inputs or outputs `names`: {name: {axis: dimension}}."""
+    if graph == "history":
+        table = {"units": {1: "spikes"}, "rotary_cos": {1: "spikes"},
+                 "rotary_sin": {1: "spikes"}, "history_keys": {3: "spikes"},
+                 "history_values": {3: "spikes"}}
+    else:
+        table = {"history_keys": {3: "history"}, "history_values": {3: "history"},
+                 "history_mask": {3: "history"}}
+        if graph == "decode":
+            table.update({name: {1: "tokens"}
+                          for name in ("units", "dts", "rotary_cos", "rotary_sin")})
+    return {name: table[name] for name in names if name in table}
+
+
 class SlotCache:
     """One self-attention layer's keys/values in fixed slots; `append` writes the new tokens at
     `position` and returns every slot (the caller masks the slots not yet written)."""

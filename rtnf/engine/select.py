@@ -100,11 +100,12 @@ def make_backend(name: str, bundle: Bundle, engine: EngineConfig) -> Backend:
     if name == "torch":
         from rtnf.engine.torch_backend import TorchBackend
 
-        return TorchBackend(graphs, engine.threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return TorchBackend(graphs, engine.threads, device, engine.precision)
     if name == "tensorrt":
         from rtnf.engine.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(onnx_paths(bundle), graphs, engines)
+        return TensorRTBackend(onnx_paths(bundle), graphs, engines, engine.precision)
     raise EngineError(f"engine.backend = {name!r}: expected auto, onnxruntime, torch or "
                       f"tensorrt")
 
