@@ -126,13 +126,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     log = (lambda _: None) if args.json else (lambda line: print(line, flush=True))
     metrics = calibrate(session, config, args.out, pretrained=args.pretrained,
                         source=file_source(args.data), log=log)
+    engine = _compile_after_calibration(args.out, config) if not args.no_compile else None
     if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        verdict = metrics["verdict"]
-        print(f"{'GO' if verdict['go'] else 'NO-GO'}: {verdict['reason']}; the bundle runs "
-              f"{verdict['use']}. Wrote {args.out} (report: {args.out / 'report' / 'report.md'})")
+        print(json.dumps({**metrics, "engine": engine}, indent=2))
+        return 0
+    verdict = metrics["verdict"]
+    if engine is not None:
+        print(_compiled_line(engine) if "error" not in engine else
+              f"not compiled ({engine['error']}); run: rtnf compile --bundle {args.out}")
+    print(f"{'GO' if verdict['go'] else 'NO-GO'}: {verdict['reason']}; the bundle runs "
+          f"{verdict['use']}. Wrote {args.out} (report: {args.out / 'report' / 'report.md'})")
     return 0
+
+
+def _compile_after_calibration(bundle: Path, config: Config) -> dict:
+    """Compile the new bundle for this machine; a failure leaves the bundle as it is."""
+    from rtnf.engine.compile import compile_bundle
+
+    try:
+        return compile_bundle(bundle, config.engine)
+    except (RtnfError, ImportError, RuntimeError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _compiled_line(report: dict) -> str:
+    worst = max(report["parity"].values())
+    return (f"compiled: backend {report['backend']} ({json.dumps(report['built'])}); "
+            f"parity with torch {worst:.1e} (relative, worst graph); caches in "
+            f"{report['engines']}")
 
 
 # ----------------------------------------------------------------------------- compile
@@ -155,9 +176,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print("measured here: " + "; ".join(
             f"{name} decode {f['decode_ms']:.2f} ms, step {f['step_ms']:.2f} ms"
             for name, f in figures.items()))
-    worst = max(report["parity"].values())
-    print(f"built backend {report['backend']} ({json.dumps(report['built'])}); "
-          f"parity with torch {worst:.1e} (relative, worst graph); caches in {report['engines']}")
+    print(_compiled_line(report))
     return 0
 
 
@@ -301,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--minutes", type=float, help="use only the first M minutes of --data")
     cal.add_argument("--method", choices=["embeddings", "full", "scratch"],
                      help="what is finetuned (default: calibration.method)")
+    cal.add_argument("--no-compile", action="store_true",
+                     help="do not compile the bundle for this machine (rtnf compile later)")
     cal.add_argument("--json", action="store_true", help="print the metrics as JSON")
     cal.set_defaults(handler=cmd_calibrate)
 

@@ -221,7 +221,7 @@ class CalibrationConfig:
 @dataclass
 class EngineConfig:
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
-    threads: int = field(default=2, metadata=positive("a positive number of threads"))
+    threads: int = field(default=1, metadata=positive("a positive number of threads"))
     spin: bool = False
     precision: Literal["fp32", "fp16"] = "fp32"
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from rtnf.bundle import verify_bundle
 from rtnf.config import load_config
+from rtnf.data.io import write_session
 from rtnf.data.sim import simulate
 from rtnf.errors import RtnfError
 from rtnf.model.checkpoint import load_checkpoint
@@ -168,3 +169,20 @@ def test_cli_calibrate_refuses_more_minutes_than_recorded(tmp_path, animal):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--minutes 5: " in result.stderr and "holds only 0.50 minutes" in result.stderr
+
+
+def test_cli_calibrate_writes_a_compiled_bundle(animal, pretrained, tmp_path):
+    """`rtnf calibrate` end to end: a session file in, a bundle compiled for this machine out."""
+    _, sessions = animal
+    path = tmp_path / "day.npz"
+    write_session(sessions[2], path)
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "calibrate", "--data", str(path),
+                             "--out", str(tmp_path / "b"), "--pretrained", str(pretrained),
+                             *overrides, "--set", "engine.threads=1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "compiled: backend " in result.stdout and "GO" in result.stdout
+    manifest = verify_bundle(tmp_path / "b")
+    assert set(manifest["onnx"]["graphs"]) >= {"history", "decode", "step"}
+    assert manifest["source"]["path"] == str(path.resolve())

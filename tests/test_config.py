@@ -33,11 +33,11 @@ def test_every_default_key_is_commented():
 
 def test_user_file_merges_over_defaults(tmp_path):
     user = tmp_path / "rig.yaml"
-    user.write_text("windows:\n  hop: 0.02\n  current: 0.04\nengine:\n  threads: 1\n")
+    user.write_text("windows:\n  hop: 0.02\n  current: 0.04\nengine:\n  threads: 3\n")
     config = load_config([user])
     assert config.windows.hop == 0.02 and config.windows.current == 0.04
     assert config.windows.history == 0.15  # untouched default
-    assert config.engine.threads == 1
+    assert config.engine.threads == 3
 
 
 def test_overrides_apply_after_files_and_parse_yaml_values(tmp_path):

@@ -238,7 +238,7 @@ def test_compile_command_prints_what_it_built(bundle_dir):
                              str(bundle_dir), "--backend", "torch", "--set", "engine.threads=1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "built backend torch" in result.stdout and "parity with torch" in result.stdout
+    assert "compiled: backend torch" in result.stdout and "parity with torch" in result.stdout
 
 
 def test_padding_to_buckets_changes_no_result(bundle_dir):
