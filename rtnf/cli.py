@@ -156,6 +156,19 @@ def _compiled_line(report: dict) -> str:
             f"{report['engines']}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rtnf.bundle import load_bundle
+    from rtnf.data.io import read_session
+    from rtnf.train.evaluate import evaluate_bundle, format_evaluation
+
+    bundle = load_bundle(args.bundle)
+    rig = bundle.config.rig
+    session = read_session(args.data, nwb_names=rig.nwb, xdf_names=rig.xdf)
+    result = evaluate_bundle(bundle, session, args.start, args.end)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    return 0
+
+
 # ----------------------------------------------------------------------------- compile
 
 
@@ -324,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not compile the bundle for this machine (rtnf compile later)")
     cal.add_argument("--json", action="store_true", help="print the metrics as JSON")
     cal.set_defaults(handler=cmd_calibrate)
+
+    ev = commands.add_parser("evaluate", help="decode a session with a bundle and score it "
+                                              "against the bundle's baselines")
+    ev.add_argument("--bundle", type=Path, required=True, help="bundle directory")
+    ev.add_argument("--data", type=Path, required=True, help="session file (.nwb, .xdf, .npz)")
+    ev.add_argument("--start", type=float, metavar="SECONDS",
+                    help="evaluate windows from this session time on (default: the start)")
+    ev.add_argument("--end", type=float, metavar="SECONDS",
+                    help="... up to this session time (default: the end)")
+    ev.add_argument("--json", action="store_true",
+                    help="print JSON (the shape of the bundle's report/metrics.json)")
+    ev.set_defaults(handler=cmd_evaluate)
 
     comp = commands.add_parser("compile", parents=[common],
                                help="export a bundle to ONNX and build its inference engine")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rtnf.bundle import verify_bundle
+from rtnf.bundle import load_bundle, verify_bundle
 from rtnf.config import load_config
 from rtnf.data.io import write_session
 from rtnf.data.sim import simulate
@@ -20,6 +20,7 @@ from rtnf.model.checkpoint import load_checkpoint
 from rtnf.train import calibrate as calibrate_module
 from rtnf.train.baselines import decoder_from_state
 from rtnf.train.calibrate import calibrate, split_session
+from rtnf.train.evaluate import evaluate_bundle
 from rtnf.train.pretrain import pretrain
 
 TINY = ["simulation.sessions=3", "simulation.neurons=30", "simulation.minutes=1.2",
@@ -80,7 +81,8 @@ def test_bundle_verifies_and_holds_everything(bundle, animal):
     assert manifest["source"] == {"kind": "test"}
     assert manifest["verdict"] == metrics["verdict"]
     for name in ("model.safetensors", "model.json", "units.json", "normalization.json",
-                 "config.yaml", "fallback/ridge.safetensors", "fallback/ridge.json",
+                 "config.yaml", "baselines/ridge.safetensors", "baselines/ridge.json",
+                 "baselines/mlp.safetensors", "baselines/gru.json",
                  "report/metrics.json", "report/report.md", "report/decoded_speed.png",
                  "report/training_curve.png"):
         assert name in manifest["files"], name
@@ -128,10 +130,62 @@ def test_embeddings_method_freezes_the_transformer(bundle, pretrained):
 def test_ridge_fallback_runs_from_the_bundle(bundle, animal):
     out, _ = bundle
     _, sessions = animal
-    ridge = decoder_from_state(load_file(str(out / "fallback" / "ridge.safetensors")),
-                               json.loads((out / "fallback" / "ridge.json").read_text()))
+    ridge = decoder_from_state(load_file(str(out / "baselines" / "ridge.safetensors")),
+                               json.loads((out / "baselines" / "ridge.json").read_text()))
     ends = np.array([30.0, 30.05, 30.1])
     assert ridge.predict(ridge.features(sessions[2], ends)).shape == (3, 3)
+
+
+def test_evaluate_on_the_held_out_block_reproduces_the_report(bundle, animal):
+    out, metrics = bundle
+    config, sessions = animal
+    holdout = split_session(sessions[2], config).holdout
+    current = config.windows.current
+    result = evaluate_bundle(load_bundle(out), sessions[2], holdout[0] - current,
+                             holdout[-1] + current)
+    assert result["evaluated"]["windows"] == holdout.size
+    assert result["heldout_s"] == pytest.approx(metrics["heldout_s"])
+    assert result["units"] == {"bundle": sessions[2].n_units, "present": sessions[2].n_units,
+                               "silent": 0, "unknown_left_out": 0}
+    assert set(result["models"]) == set(metrics["models"])
+    for name, scores in metrics["models"].items():
+        for target, value in scores.items():
+            if isinstance(value, dict):
+                assert result["models"][name][target]["r"] == pytest.approx(value["r"],
+                                                                            abs=1e-6)
+                assert result["models"][name][target]["r2"] == pytest.approx(value["r2"],
+                                                                             abs=1e-6)
+    assert result["models"]["neuroformer"]["bits_per_spike"] == pytest.approx(
+        metrics["models"]["neuroformer"]["bits_per_spike"], abs=1e-6)
+    assert result["verdict"] == metrics["verdict"]
+
+
+def test_evaluate_another_day_of_the_same_animal(bundle, animal, tmp_path):
+    """Day 2 through day 3's bundle: turnover leaves some of the bundle's units silent and some
+    of day 2's units unknown; the command line prints the same shape as metrics.json."""
+    out, metrics = bundle
+    _, sessions = animal
+    day2, day3 = sessions[1], sessions[2]
+    common = np.intersect1d(day2.unit_ids, day3.unit_ids).size
+    path = tmp_path / "day2.npz"
+    write_session(day2, path)
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "evaluate", "--bundle", str(out),
+                             "--data", str(path), "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads(result.stdout)
+    assert evaluation["units"] == {"bundle": day3.n_units, "present": common,
+                                   "silent": day3.n_units - common,
+                                   "unknown_left_out": day2.n_units - common}
+    assert 0 < common < day3.n_units
+    assert set(evaluation["models"]) == {"neuroformer", "ridge", "mlp", "gru"}
+    assert evaluation["heldout_s"] > 0.9 * day2.duration
+    for scores in evaluation["models"].values():
+        assert all(np.isfinite(scores[t]["r"]) for t in ("speed", "gaze_phi", "gaze_theta"))
+    assert np.isfinite(evaluation["next_window_bits_per_spike"]["oracle"])
+    table = subprocess.run([sys.executable, "-m", "rtnf.cli", "evaluate", "--bundle", str(out),
+                            "--data", str(path)], capture_output=True, text=True, timeout=300)
+    assert f"units: {common} of the bundle's {day3.n_units} present" in table.stdout
 
 
 def test_failed_calibration_leaves_the_previous_bundle(bundle, animal, pretrained, monkeypatch):

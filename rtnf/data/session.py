@@ -141,6 +141,33 @@ class Session:
         return Session(self.unit_ids, self.spike_times[keep], self.spike_unit_index[keep],
                        behavior, frames, intervals, metadata, truth).validate()
 
+    def with_units(self, unit_ids: np.ndarray) -> "Session":
+        """The recording seen through the unit list `unit_ids`, in that order: other units'
+        spikes are left out and units it lacks are silent (their true rates zero)."""
+        unit_ids = np.asarray(unit_ids, dtype=np.int64)
+        position = {int(unit): k for k, unit in enumerate(unit_ids)}
+        mapped = np.array([position.get(int(unit), -1) for unit in self.unit_ids],
+                          dtype=np.int64)
+        new_index = mapped[self.spike_unit_index] if self.n_spikes else np.zeros(0, np.int64)
+        keep = new_index >= 0
+        truth = self.ground_truth
+        if truth is not None:
+            present = mapped >= 0
+            rates = np.zeros((truth.rates.shape[0], unit_ids.size), dtype=truth.rates.dtype)
+            rates[:, mapped[present]] = truth.rates[:, present]
+            coupling = np.zeros((unit_ids.size, unit_ids.size), dtype=truth.coupling.dtype)
+            rows = mapped[present]
+            coupling[np.ix_(rows, rows)] = truth.coupling[np.ix_(present, present)]
+            hubs = mapped[truth.hubs][mapped[truth.hubs] >= 0]
+            tuning = {}
+            for name, values in truth.tuning.items():
+                tuning[name] = np.zeros((unit_ids.size, *values.shape[1:]), dtype=values.dtype)
+                tuning[name][rows] = values[present]
+            truth = GroundTruth(truth.rate_dt, rates, coupling, hubs, tuning, truth.t0)
+        metadata = {**self.metadata, "start_time": self.start_time, "end_time": self.end_time}
+        return Session(unit_ids, self.spike_times[keep], new_index[keep].astype(np.int32),
+                       self.behavior, self.frames, self.intervals, metadata, truth).validate()
+
     def validate(self, source: str = "session") -> "Session":
         """Coerce dtypes and check every invariant; raise `SessionFormatError` naming `source`."""
 

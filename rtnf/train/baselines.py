@@ -22,13 +22,16 @@ wrapper `evaluate`) give per-target Pearson r and R^2 plus the variance-weighted
 from __future__ import annotations
 
 import copy
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rtnf.config import WindowsConfig
@@ -39,6 +42,7 @@ from rtnf.train.dataset import Normalization, encode_values, behavior_before
 from rtnf.train.metrics import pearson_r, r_squared
 
 RIDGE_PENALTIES = tuple(10.0 ** np.arange(-2, 8))
+BASELINES = "baselines"  # the bundle's directory of fitted baseline decoders
 """The ridge penalties tried (on standardised features); validation R^2 picks one."""
 
 
@@ -436,6 +440,26 @@ def decoder_from_state(tensors: dict[str, torch.Tensor],
     if kind not in DECODERS:
         raise RtnfError(f"unknown baseline decoder kind {kind!r} (known: {', '.join(DECODERS)})")
     return DECODERS[kind].from_state(tensors, config)
+
+
+def save_baselines(directory: Path, decoders: dict[str, BaselineDecoder]) -> None:
+    """Each decoder as `<kind>.safetensors` (weights) + `<kind>.json` (settings) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for kind, decoder in decoders.items():
+        save_file(decoder.to_tensors(), str(directory / f"{kind}.safetensors"))
+        (directory / f"{kind}.json").write_text(json.dumps(decoder.config(), indent=2))
+
+
+def load_baselines(directory: Path) -> dict[str, BaselineDecoder]:
+    """Every decoder `save_baselines` wrote in `directory`, keyed by kind."""
+    decoders = {}
+    for settings in sorted(directory.glob("*.json")):
+        try:
+            tensors = load_file(str(settings.with_suffix(".safetensors")))
+            decoders[settings.stem] = decoder_from_state(tensors, json.loads(settings.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise RtnfError(f"{settings}: cannot load the baseline decoder ({exc})") from None
+    return decoders
 
 
 def default_decoders(seed: int = 0) -> list[BaselineDecoder]:

@@ -36,7 +36,8 @@ from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import spec_from_config
 from rtnf.model.vocabulary import Vocabulary
 from rtnf.tokens import TokenSpec, window_ends
-from rtnf.train.baselines import decoding_scores, evaluate, fit_baselines
+from rtnf.train.baselines import (BASELINES, decoding_scores, evaluate, fit_baselines,
+                                  save_baselines)
 from rtnf.train.dataset import (Normalization, SessionWindows, behavior_before,
                                 contiguous_split, dims_for_sessions)
 from rtnf.train.finetune import finetune
@@ -164,6 +165,17 @@ def next_window_scores(session: Session, windows: dict[str, SessionWindows],
     return scores
 
 
+def model_table(scores: dict[str, dict[str, Any]], targets: tuple[str, ...],
+                bits_per_spike: float) -> dict[str, dict[str, Any]]:
+    """The `models` table of report/metrics.json and `rtnf evaluate --json`: per model, per
+    target r and R^2, the weighted R^2, and the Neuroformer's next-window bits/spike."""
+    models = {name: {**{target: {"r": score["r"][target], "r2": score["r2"][target]}
+                        for target in targets}, "r2_weighted": score["r2_weighted"]}
+              for name, score in scores.items()}
+    models["neuroformer"]["bits_per_spike"] = bits_per_spike
+    return models
+
+
 def calibrate(session: Session, config: Config, out: str | Path,
               pretrained: str | Path | None = None, source: dict[str, Any] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -222,10 +234,7 @@ def calibrate(session: Session, config: Config, out: str | Path,
                    f"({best_baseline}, {validation[best_baseline]['r2_weighted']:.3f})"),
     }
     bits = next_window_scores(session, windows, holdout_expected, config.windows.current)
-    models = {name: {**{target: {"r": score["r"][target], "r2": score["r2"][target]}
-                        for target in targets}, "r2_weighted": score["r2_weighted"]}
-              for name, score in holdout.items()}
-    models["neuroformer"]["bits_per_spike"] = bits["model"]
+    models = model_table(holdout, targets, bits["model"])
     metrics = {
         "models": models,
         "heldout_s": float(blocks.holdout[-1] - blocks.holdout[0] + config.windows.hop),
@@ -245,7 +254,7 @@ def calibrate(session: Session, config: Config, out: str | Path,
     }
     _write_bundle(out, config, source or {}, metrics, prepared, normalization, baselines,
                   holdout_behavior, holdout_targets, windows["holdout"].ends, targets,
-                  session.unit_ids)
+                  session.unit_ids, windows["train"].mean_next_counts())
     return metrics
 
 
@@ -253,10 +262,9 @@ def _write_bundle(out: str | Path, config: Config, source: dict[str, Any],
                   metrics: dict[str, Any], prepared: PreparedModel,
                   normalization: Normalization, baselines: Any, holdout_behavior: np.ndarray,
                   holdout_targets: np.ndarray, holdout_ends: np.ndarray,
-                  targets: tuple[str, ...], unit_ids: np.ndarray) -> None:
-    """The bundle of DESIGN.md: model, unit map, normalisation, the ridge fallback, report."""
-    from safetensors.torch import save_file
-
+                  targets: tuple[str, ...], unit_ids: np.ndarray,
+                  mean_next_counts: np.ndarray) -> None:
+    """The bundle of DESIGN.md: model, unit map, normalisation, the baselines, report."""
     with BundleWriter(out, config, source, {"verdict": metrics["verdict"]}) as staging:
         save_checkpoint(Checkpoint(prepared.model, prepared.vocabulary, normalization.to_dict(),
                                    config.to_dict(), {"calibration": metrics["verdict"]}),
@@ -265,12 +273,10 @@ def _write_bundle(out: str | Path, config: Config, source: dict[str, Any],
             "unit_ids": [int(u) for u in unit_ids],
             "rows": [int(r) for r in prepared.unit_rows],
             "session_row": int(prepared.session_row),
-            "known_units": prepared.known_units})
+            "known_units": prepared.known_units,
+            "mean_next_counts": [float(c) for c in mean_next_counts]})
         write_json(staging / "normalization.json", normalization.to_dict())
-        ridge = baselines.decoders["ridge"]
-        (staging / "fallback").mkdir()
-        save_file(ridge.to_tensors(), str(staging / "fallback" / "ridge.safetensors"))
-        write_json(staging / "fallback" / "ridge.json", ridge.config())
+        save_baselines(staging / BASELINES, baselines.decoders)
         scale = np.array([normalization.std[name] for name in targets])
         offset = np.array([normalization.mean[name] for name in targets])
         write_report(staging / "report", metrics, holdout_ends,
