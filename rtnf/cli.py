@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rtnf import __version__
 from rtnf.config import Config, check_config_file, load_config
@@ -117,15 +117,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     flags = [f"calibration.method={args.method}"] if args.method else []
     config = _config(args, flags)
-    session = read_session(args.data, nwb_names=config.rig.nwb, xdf_names=config.rig.xdf)
-    if args.minutes is not None:
-        if args.minutes * 60 > session.duration + 1e-9:
-            raise RtnfError(f"--minutes {args.minutes:g}: {args.data} holds only "
-                            f"{session.duration / 60:.2f} minutes")
-        session = session.first(args.minutes * 60)
     log = (lambda _: None) if args.json else (lambda line: print(line, flush=True))
-    metrics = calibrate(session, config, args.out, pretrained=args.pretrained,
-                        source=file_source(args.data), log=log)
+    if (args.data is None) == (args.source is None):
+        raise RtnfError("rtnf calibrate: give either --data FILE or --from lsl|zmq --minutes M")
+    extra_files: dict[str, Path] = {}
+    if args.source is not None:
+        if args.minutes is None:
+            raise RtnfError("rtnf calibrate --from: give --minutes M, how long to capture")
+        capture_path = _capture_live(args, config, log)
+        session = read_session(capture_path)
+        source = {**file_source(capture_path), "kind": "live", "transport": args.source,
+                  "streams": session.metadata["streams"], "file": CAPTURE_IN_BUNDLE}
+        extra_files[CAPTURE_IN_BUNDLE] = capture_path
+    else:
+        session = read_session(args.data, nwb_names=config.rig.nwb, xdf_names=config.rig.xdf)
+        source = file_source(args.data)
+        if args.minutes is not None:
+            if args.minutes * 60 > session.duration + 1e-9:
+                raise RtnfError(f"--minutes {args.minutes:g}: {args.data} holds only "
+                                f"{session.duration / 60:.2f} minutes")
+            session = session.first(args.minutes * 60)
+    metrics = calibrate(session, config, args.out, pretrained=args.pretrained, source=source,
+                        log=log, extra_files=extra_files)
+    for path in extra_files.values():  # now inside the bundle
+        path.unlink()
     engine = _compile_after_calibration(args.out, config) if not args.no_compile else None
     if args.json:
         print(json.dumps({**metrics, "engine": engine}, indent=2))
@@ -137,6 +152,49 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"{'GO' if verdict['go'] else 'NO-GO'}: {verdict['reason']}; the bundle runs "
           f"{verdict['use']}. Wrote {args.out} (report: {args.out / 'report' / 'report.md'})")
     return 0
+
+
+CAPTURE_IN_BUNDLE = "capture/session.npz"
+
+
+def _capture_live(args: argparse.Namespace, config: Config, log: Callable[[str], None]
+                  ) -> Path:
+    """Capture the rig's streams for --minutes into a session file next to the bundle; it is
+    kept there (and named) if anything after the capture fails."""
+    from datetime import datetime
+
+    from rtnf.data.io import write_session
+    from rtnf.stream.capture import CaptureProgress, capture_session
+    from rtnf.stream.sources import open_sources
+
+    def show(progress: CaptureProgress) -> None:
+        done = progress.elapsed_s / progress.total_s
+        bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
+        counts = progress.counts
+        print(f"\rcapturing [{bar}] {progress.elapsed_s:5.0f}/{progress.total_s:.0f} s  "
+              f"{counts['spikes']} spikes, {counts['behavior']} behaviour samples, "
+              f"{counts['frames']} frames, {progress.rejected} rejected", end="", flush=True)
+
+    sources = open_sources(config.rig, args.source)
+    log(f"capturing {args.minutes:g} min from {', '.join(s.name for s in sources)}")
+    try:
+        session = capture_session(sources, args.minutes * 60, None if args.json else show)
+    finally:
+        for source in sources:
+            source.close()
+    if not args.json:
+        print()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out.with_name(f"{args.out.name}-capture-{stamp}.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_session(session, path)
+    if session.metadata["interrupted"]:
+        raise RtnfError(f"capture interrupted after {session.duration:.1f} s; what arrived is "
+                        f"saved in {path} (calibrate from it with --data {path})")
+    log(f"captured {session.duration:.1f} s: {session.n_spikes} spikes of {session.n_units} "
+        f"units, behaviour {', '.join(session.behavior) or 'none'}; saved {path} until the "
+        f"bundle holds it")
+    return path
 
 
 def _compile_after_calibration(bundle: Path, config: Config) -> dict:
@@ -325,12 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", parents=[common],
                               help="finetune on a calibration session and write a bundle")
-    cal.add_argument("--data", type=Path, required=True,
-                     help="the calibration session (.nwb, .xdf, .npz)")
+    cal.add_argument("--data", type=Path, help="the calibration session (.nwb, .xdf, .npz)")
+    cal.add_argument("--from", dest="source", choices=["lsl", "zmq"],
+                     help="capture the rig's live streams (rig.sources) instead, for --minutes")
     cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     cal.add_argument("--pretrained", type=Path,
                      help="pretrained checkpoint directory (default: the cached default one)")
-    cal.add_argument("--minutes", type=float, help="use only the first M minutes of --data")
+    cal.add_argument("--minutes", type=float,
+                     help="use only the first M minutes of --data; with --from: capture M minutes")
     cal.add_argument("--method", choices=["embeddings", "full", "scratch"],
                      help="what is finetuned (default: calibration.method)")
     cal.add_argument("--no-compile", action="store_true",

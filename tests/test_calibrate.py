@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 from rtnf.bundle import load_bundle, verify_bundle
 from rtnf.config import load_config
-from rtnf.data.io import write_session
+from rtnf.data.io import read_session, write_session
 from rtnf.data.sim import simulate
 from rtnf.errors import RtnfError
 from rtnf.model.checkpoint import load_checkpoint
+from rtnf.stream.lslconfig import import_pylsl
 from rtnf.train import calibrate as calibrate_module
 from rtnf.train.baselines import decoder_from_state
 from rtnf.train.calibrate import calibrate, split_session
@@ -240,3 +241,35 @@ def test_cli_calibrate_writes_a_compiled_bundle(animal, pretrained, tmp_path):
     manifest = verify_bundle(tmp_path / "b")
     assert set(manifest["onnx"]["graphs"]) >= {"history", "decode", "step"}
     assert manifest["source"]["path"] == str(path.resolve())
+
+
+def test_cli_calibrate_from_a_live_lsl_rig(pretrained, tmp_path):
+    """`rtnf calibrate --from lsl`: the simulated rig streams day 3 of the animal over LSL
+    (loopback), rtnf captures a few seconds, calibrates and keeps the capture in the bundle."""
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    streamer = subprocess.Popen([sys.executable, "-m", "rtnf.cli", "simulate", "--stream", "lsl",
+                                 "--loop", *overrides], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        pylsl = import_pylsl("loopback")
+        found = pylsl.resolve_bypred("name='rtnf-sim-frames'", 1, 60)
+        assert found, "the simulated rig did not start streaming"
+        out = tmp_path / "live"
+        result = subprocess.run(
+            [sys.executable, "-m", "rtnf.cli", "calibrate", "--from", "lsl", "--minutes", "0.1",
+             "--out", str(out), "--pretrained", str(pretrained), *overrides,
+             "--set", "rig.sources.frames.kind=lsl", "--set", "engine.threads=1",
+             "--no-compile"], capture_output=True, text=True, timeout=600)
+    finally:
+        streamer.terminate()
+        streamer.wait(30)
+    assert result.returncode == 0, result.stderr
+    assert "capturing [" in result.stdout and "captured " in result.stdout
+    manifest = verify_bundle(out)
+    assert manifest["source"]["kind"] == "live" and manifest["source"]["transport"] == "lsl"
+    assert manifest["source"]["file"] == "capture/session.npz"
+    assert "capture/session.npz" in manifest["files"]
+    captured = read_session(out / "capture" / "session.npz")
+    assert 5.0 < captured.duration < 7.5 and captured.n_spikes > 0
+    assert set(captured.behavior) == {"speed", "gaze_phi", "gaze_theta"}
+    assert not list(tmp_path.glob("live-capture-*.npz"))  # moved into the bundle

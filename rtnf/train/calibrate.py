@@ -19,6 +19,7 @@ Stages, in order:
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +179,10 @@ def model_table(scores: dict[str, dict[str, Any]], targets: tuple[str, ...],
 
 def calibrate(session: Session, config: Config, out: str | Path,
               pretrained: str | Path | None = None, source: dict[str, Any] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage of the module docstring; return the metrics written to the bundle."""
+              log: Callable[[str], None] = print,
+              extra_files: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Run every stage of the module docstring; return the metrics written to the bundle.
+    `extra_files` (bundle path -> file) are copied into the bundle, e.g. a live capture."""
     started = time.monotonic()
     calibration, targets = config.calibration, tuple(config.decoding.targets)
     blocks = split_session(session, config)
@@ -254,7 +257,7 @@ def calibrate(session: Session, config: Config, out: str | Path,
     }
     _write_bundle(out, config, source or {}, metrics, prepared, normalization, baselines,
                   holdout_behavior, holdout_targets, windows["holdout"].ends, targets,
-                  session.unit_ids, windows["train"].mean_next_counts())
+                  session.unit_ids, windows["train"].mean_next_counts(), extra_files or {})
     return metrics
 
 
@@ -263,9 +266,12 @@ def _write_bundle(out: str | Path, config: Config, source: dict[str, Any],
                   normalization: Normalization, baselines: Any, holdout_behavior: np.ndarray,
                   holdout_targets: np.ndarray, holdout_ends: np.ndarray,
                   targets: tuple[str, ...], unit_ids: np.ndarray,
-                  mean_next_counts: np.ndarray) -> None:
+                  mean_next_counts: np.ndarray, extra_files: dict[str, Path]) -> None:
     """The bundle of DESIGN.md: model, unit map, normalisation, the baselines, report."""
     with BundleWriter(out, config, source, {"verdict": metrics["verdict"]}) as staging:
+        for relative, path in extra_files.items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, staging / relative)
         save_checkpoint(Checkpoint(prepared.model, prepared.vocabulary, normalization.to_dict(),
                                    config.to_dict(), {"calibration": metrics["verdict"]}),
                         staging)
