@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rtnf import __version__
-from rtnf.config import Config, check_config_file, load_config
+from rtnf.config import Config, check_config_file, load_config, recipe_path
 from rtnf.errors import RtnfError
 
 
 def _config(args: argparse.Namespace, flags: Sequence[str] = (),
             defaults: Sequence[str] = ()) -> Config:
-    """rtnf.yaml, then --config files, then `defaults`, --set overrides and the command's own
-    flags (as overrides, so they get the same checks), in that order."""
-    return load_config(args.config or (), [*defaults, *(args.set or ()), *flags])
+    """rtnf.yaml, then the --recipe, then --config files, then `defaults`, --set overrides and
+    the command's own flags (as overrides, so they get the same checks), in that order."""
+    recipe = [recipe_path(args.recipe)] if getattr(args, "recipe", None) else []
+    return load_config([*recipe, *(args.config or ())], [*defaults, *(args.set or ()), *flags])
 
 
 # ----------------------------------------------------------------------------- config
@@ -119,12 +120,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     config = _config(args, flags)
     log = (lambda _: None) if args.json else (lambda line: print(line, flush=True))
     if (args.data is None) == (args.source is None):
-        raise RtnfError("rtnf calibrate: give either --data FILE or --from lsl|zmq --minutes M")
+        raise RtnfError("rtnf calibrate: give either --data FILE or --from lsl|zmq")
     extra_files: dict[str, Path] = {}
     if args.source is not None:
-        if args.minutes is None:
-            raise RtnfError("rtnf calibrate --from: give --minutes M, how long to capture")
-        capture_path = _capture_live(args, config, log)
+        minutes = config.calibration.minutes if args.minutes is None else args.minutes
+        capture_path = _capture_live(args, config, minutes, log)
         session = read_session(capture_path)
         source = {**file_source(capture_path), "kind": "live", "transport": args.source,
                   "streams": session.metadata["streams"], "file": CAPTURE_IN_BUNDLE}
@@ -157,9 +157,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 CAPTURE_IN_BUNDLE = "capture/session.npz"
 
 
-def _capture_live(args: argparse.Namespace, config: Config, log: Callable[[str], None]
-                  ) -> Path:
-    """Capture the rig's streams for --minutes into a session file next to the bundle; it is
+def _capture_live(args: argparse.Namespace, config: Config, minutes: float,
+                  log: Callable[[str], None]) -> Path:
+    """Capture the rig's streams for `minutes` into a session file next to the bundle; it is
     kept there (and named) if anything after the capture fails."""
     from datetime import datetime
 
@@ -176,9 +176,9 @@ def _capture_live(args: argparse.Namespace, config: Config, log: Callable[[str],
               f"{counts['frames']} frames, {progress.rejected} rejected", end="", flush=True)
 
     sources = open_sources(config.rig, args.source)
-    log(f"capturing {args.minutes:g} min from {', '.join(s.name for s in sources)}")
+    log(f"capturing {minutes:g} min from {', '.join(s.name for s in sources)}")
     try:
-        session = capture_session(sources, args.minutes * 60, None if args.json else show)
+        session = capture_session(sources, minutes * 60, None if args.json else show)
     finally:
         for source in sources:
             source.close()
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             metavar="ACTION")
     show = config_commands.add_parser("show", parents=[common], help="print the resolved config")
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.add_argument("--recipe", metavar="NAME_OR_FILE",
+                      help="include a calibration recipe, as rtnf calibrate --recipe does")
     show.set_defaults(handler=cmd_config_show)
     check = config_commands.add_parser("check", help="validate a configuration file")
     check.add_argument("file", type=Path)
@@ -390,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--pretrained", type=Path,
                      help="pretrained checkpoint directory (default: the cached default one)")
     cal.add_argument("--minutes", type=float,
-                     help="use only the first M minutes of --data; with --from: capture M minutes")
+                     help="use only the first M minutes of --data; with --from: capture M "
+                          "minutes (default calibration.minutes)")
+    cal.add_argument("--recipe", metavar="NAME_OR_FILE",
+                     help="calibration recipe: default, quick (a 2-minute session), thorough, or "
+                          "a recipe file (see calibration/README.md)")
     cal.add_argument("--method", choices=["embeddings", "full", "scratch"],
                      help="what is finetuned (default: calibration.method)")
     cal.add_argument("--no-compile", action="store_true",

@@ -503,6 +503,23 @@ def load_config(files: typing.Sequence[str | Path] = (), overrides: typing.Seque
     return config_from_dict(merged)
 
 
+def recipe_names() -> list[str]:
+    """rtnf's calibration recipes (calibration/NAME.yaml in the repository)."""
+    recipes = resources.files("rtnf").joinpath("resources/recipes")
+    return sorted(item.name[:-5] for item in recipes.iterdir() if item.name.endswith(".yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The calibration recipe `name` (one of `recipe_names()`), or a recipe file's path."""
+    if name in recipe_names():
+        return Path(str(resources.files("rtnf").joinpath(f"resources/recipes/{name}.yaml")))
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    raise ConfigError(f"--recipe {name!r}: expected one of {', '.join(recipe_names())} or the "
+                      f"path of a recipe file")
+
+
 def check_config_file(path: str | Path) -> Config:
     """Validate one file (merged over the defaults, so partial files are fine)."""
     return load_config([path])

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rtnf.config import Config, check_config_file, default_config_text, load_config
+from rtnf.config import (Config, check_config_file, default_config_text, load_config,
+                         recipe_names, recipe_path)
 from rtnf.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +17,13 @@ def test_shipped_defaults_are_the_repository_file_and_match_the_schema():
     assert load_config() == Config()
 
 
-def test_every_default_key_is_commented():
+@pytest.mark.parametrize("path", ["rtnf.yaml", "calibration/default.yaml",
+                                  "calibration/quick.yaml", "calibration/thorough.yaml"])
+def test_every_shipped_key_is_commented(path):
     """Each key with a value has an inline comment or sits in a commented block of keys
     (a comment line above it with no blank line in between)."""
     undocumented, in_commented_block = [], False
-    for line in (ROOT / "rtnf.yaml").read_text().splitlines():
+    for line in (ROOT / path).read_text().splitlines():
         stripped = line.strip()
         if not stripped:
             in_commented_block = False
@@ -110,3 +113,15 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert check_config_file(dumped) == config
     assert yaml.safe_load(config.to_yaml())["rig"]["profile"] == "ephys"
     assert config.digest() != Config().digest()
+
+
+def test_calibration_recipes():
+    assert recipe_names() == ["default", "quick", "thorough"]
+    assert load_config([recipe_path("default")]) == load_config()  # default is the default
+    quick, thorough = (load_config([recipe_path(name)]).calibration
+                       for name in ("quick", "thorough"))
+    assert quick.minutes == 2.0 and thorough.minutes == 10.0 and thorough.unfreeze_after > 0
+    assert load_config([recipe_path(str(ROOT / "calibration" / "quick.yaml"))]).calibration == quick
+    with pytest.raises(ConfigError, match="--recipe 'fast': expected one of default, quick, "
+                                          "thorough or the path of a recipe file"):
+        recipe_path("fast")
