@@ -212,6 +212,9 @@ class CalibrationConfig:
     max_epochs: int = field(default=30, metadata=positive("a positive number of epochs"))
     patience: int = field(default=4, metadata=positive("a positive number of epochs"))
     batch_size: int = field(default=32, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    steps_per_epoch: int = field(default=40, metadata=non_negative("batches >= 0 (0: all)"))
+    max_minutes: float = field(default=2.0,
+                               metadata=non_negative("minutes >= 0 (0: no time limit)"))
     learning_rate: float = field(default=3e-3, metadata=positive("a positive learning rate"))
     unfreeze_after: int = field(default=0, metadata=non_negative("epochs >= 0 (0: never)"))
     unfreeze_learning_rate: float = field(default=3e-4,

@@ -273,3 +273,16 @@ def test_cli_calibrate_from_a_live_lsl_rig(pretrained, tmp_path):
     assert 5.0 < captured.duration < 7.5 and captured.n_spikes > 0
     assert set(captured.behavior) == {"speed", "gaze_phi", "gaze_theta"}
     assert not list(tmp_path.glob("live-capture-*.npz"))  # moved into the bundle
+
+
+def test_finetuning_keeps_to_its_time_budget(animal, pretrained, tmp_path):
+    config, sessions = animal
+    budgeted = load_config(overrides=[*TINY, "calibration.max_epochs=50",
+                                      "calibration.max_minutes=0.0001",
+                                      "calibration.steps_per_epoch=1"])
+    lines = []
+    metrics = calibrate(sessions[2], budgeted, tmp_path / "b", pretrained=pretrained,
+                        log=lines.append)
+    assert metrics["finetune"]["epochs"] == 1
+    assert any(line.startswith("epoch 1/50: training loss ") for line in lines)
+    assert any("time budget of 0.0001 min reached; keeping epoch" in line for line in lines)

@@ -207,7 +207,7 @@ def calibrate(session: Session, config: Config, out: str | Path,
                                      config) for name in ("train", "validation", "holdout")}
     initialise_rate_bias(model, [windows["train"]])
     tuned = finetune(model, windows["train"], windows["validation"], calibration,
-                     config.training)
+                     config.training, log)
     log(f"finetuned: {tuned.epochs} epochs, best validation loss "
         f"{tuned.best_validation_loss:.3f} at epoch {tuned.best_epoch}")
 

@@ -8,14 +8,19 @@ Methods (`calibration.method`):
 - `full`: every parameter learns from the start.
 - `scratch`: a freshly initialised model, every parameter learns.
 
-Each epoch runs over the training windows once (shuffled, seeded); after it the validation loss
-decides: the best state so far is kept, and `patience` epochs without improvement stop the run.
+An epoch is `steps_per_epoch` batches of training windows drawn afresh (shuffled, seeded) from
+the whole training block, or one pass over it when that is 0; neighbouring windows overlap by
+most of their span, so a few hundred windows per epoch see most of what the block holds. After
+each epoch the validation loss decides: the best state so far is kept, and `patience` epochs
+without improvement stop the run, as does the `max_minutes` time budget.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,8 +73,11 @@ def validation_loss(model: Neuroformer, windows: SessionWindows, batch_size: int
 
 
 def finetune(model: Neuroformer, train: SessionWindows, validation: SessionWindows,
-             calibration: CalibrationConfig, training: TrainingConfig) -> FinetuneResult:
+             calibration: CalibrationConfig, training: TrainingConfig,
+             log: Callable[[str], None] = lambda _: None) -> FinetuneResult:
     """Finetune `model` in place by `calibration.method`; it ends holding its best state."""
+    started = time.monotonic()
+    budget_s = calibration.max_minutes * 60 if calibration.max_minutes else float("inf")
     torch.manual_seed(training.seed)
     rng = np.random.default_rng(training.seed)
     method = calibration.method
@@ -86,7 +94,9 @@ def finetune(model: Neuroformer, train: SessionWindows, validation: SessionWindo
             optimizer = build_optimizer(model, training, calibration.unfreeze_learning_rate)
         model.train()
         train_losses = []
-        for inputs, targets in _batches(train, calibration.batch_size, rng):
+        for step, (inputs, targets) in enumerate(_batches(train, calibration.batch_size, rng)):
+            if calibration.steps_per_epoch and step >= calibration.steps_per_epoch:
+                break
             parts = losses(model(inputs), inputs, targets, model.spec, model.dims,
                            model.contrastive_projection)
             optimizer.zero_grad(set_to_none=True)
@@ -96,12 +106,20 @@ def finetune(model: Neuroformer, train: SessionWindows, validation: SessionWindo
             train_losses.append(float(parts["total"].detach()))
         loss = validation_loss(model, validation, calibration.batch_size)
         curve.append({"epoch": epoch, "train": float(np.mean(train_losses)), "validation": loss})
-        if loss < best[0]:
+        improved = loss < best[0]
+        elapsed = time.monotonic() - started
+        log(f"epoch {epoch}/{calibration.max_epochs}: training loss {curve[-1]['train']:.3f}, "
+            f"validation {loss:.3f}{' (best so far)' if improved else ''}, {elapsed:.0f} s")
+        if improved:
             best, stale = (loss, copy.deepcopy(model.state_dict()), epoch), 0
         else:
             stale += 1
             if stale >= calibration.patience:
                 break
+        if elapsed >= budget_s:
+            log(f"time budget of {calibration.max_minutes:g} min reached; keeping epoch "
+                f"{best[2]}")
+            break
     model.load_state_dict(best[1])
     model.eval()
     for parameter in model.parameters():

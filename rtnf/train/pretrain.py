@@ -128,10 +128,17 @@ def default_recipe(config: Config) -> Config:
     return dataclasses.replace(recipe, windows=config.windows)
 
 
+# The configuration sections a pretrained checkpoint depends on (the cache key covers these only,
+# so that e.g. calibration or engine settings never cause a rebuild).
+CHECKPOINT_SECTIONS = ("rig", "simulation", "windows", "model", "decoding", "training")
+
+
 def default_checkpoint_dir(config: Config) -> Path:
     """Where the default checkpoint for `config`'s preset and windows lives (cache key in name)."""
-    recipe = default_recipe(config)
-    key = hashlib.sha256(json.dumps({"rtnf": __version__, "config": recipe.to_dict()},
+    recipe = default_recipe(config).to_dict()
+    relevant = {section: recipe[section] for section in CHECKPOINT_SECTIONS}
+    relevant["rig"] = {"profile": recipe["rig"]["profile"]}
+    key = hashlib.sha256(json.dumps({"rtnf": __version__, "config": relevant},
                                     sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("RTNF_CACHE", Path.home() / ".cache" / "rtnf"))
     return root / "pretrained" / f"sim-{config.model.preset}-{key}"
