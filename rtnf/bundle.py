@@ -40,6 +40,7 @@ from rtnf.model.checkpoint import Checkpoint, atomic_write, load_checkpoint
 FORMAT = "rtnf-bundle"
 FORMAT_VERSION = 1
 MANIFEST, CONFIG, UNITS = "manifest.json", "config.yaml", "units.json"
+SMOOTHING = "smoothing.json"  # per decoder and target, the output filter's time constant (s)
 ENGINES = "engines"
 WRITER_FIELDS = ("format", "format_version", "created", "versions", "config_digest", "source",
                  "files", "amended")

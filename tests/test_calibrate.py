@@ -22,6 +22,7 @@ from rtnf.train import calibrate as calibrate_module
 from rtnf.train.baselines import decoder_from_state
 from rtnf.train.calibrate import calibrate, split_session
 from rtnf.train.evaluate import evaluate_bundle
+from rtnf.train.smoothing import TAUS_S
 from rtnf.train.pretrain import pretrain
 
 TINY = ["simulation.sessions=3", "simulation.neurons=30", "simulation.minutes=1.2",
@@ -83,7 +84,7 @@ def test_bundle_verifies_and_holds_everything(bundle, animal):
     assert manifest["verdict"] == metrics["verdict"]
     for name in ("model.safetensors", "model.json", "units.json", "normalization.json",
                  "config.yaml", "baselines/ridge.safetensors", "baselines/ridge.json",
-                 "baselines/mlp.safetensors", "baselines/gru.json",
+                 "baselines/mlp.safetensors", "baselines/gru.json", "smoothing.json",
                  "report/metrics.json", "report/report.md", "report/decoded_speed.png",
                  "report/training_curve.png"):
         assert name in manifest["files"], name
@@ -104,6 +105,10 @@ def test_model_and_baselines_are_scored_on_the_same_held_out_time(bundle):
     assert np.isfinite(metrics["models"]["neuroformer"]["bits_per_spike"])
     assert 0.15 * 72 < metrics["heldout_s"] < 0.25 * 72
     assert set(metrics["validation"]) == {"neuroformer", "ridge", "mlp", "gru"}
+    assert set(metrics["holdout_unsmoothed"]) == set(metrics["holdout"])
+    for taus in metrics["smoothing_tau_s"].values():  # one output filter per decoder, target
+        assert set(taus) == {"speed", "gaze_phi", "gaze_theta"}
+        assert all(tau in TAUS_S for tau in taus.values())
     for scores in metrics["holdout"].values():
         assert set(scores["r"]) == {"speed", "gaze_phi", "gaze_theta"}
         assert all(np.isfinite(v) for v in scores["r"].values())

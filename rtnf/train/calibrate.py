@@ -8,7 +8,9 @@ Stages, in order:
    units get new rows), or a fresh one for `scratch`;
 3. finetuning (`rtnf.train.finetune`) with early stopping on the validation block;
 4. the baselines (ridge / Wiener filter, MLP, GRU) fitted on exactly the same training windows;
-5. evaluation on held-out time: per target Pearson r and R^2 (variance-weighted over targets),
+   every decoder's output then gets its causal smoothing (`rtnf.train.smoothing`), picked on
+   the validation block by the same rule for all;
+5. evaluation on held-out time (smoothed; the unsmoothed scores are kept too): per target Pearson r and R^2 (variance-weighted over targets),
    next-window bits/spike against each unit's training mean, and on simulated sessions the
    oracle (the true rates);
 6. the verdict: the model is used only if it beats the best baseline on the validation block
@@ -28,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rtnf.bundle import UNITS, BundleWriter, write_json
+from rtnf.bundle import SMOOTHING, UNITS, BundleWriter, write_json
 from rtnf.config import Config
 from rtnf.data.session import Session
 from rtnf.errors import RtnfError
@@ -37,14 +39,14 @@ from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import spec_from_config
 from rtnf.model.vocabulary import Vocabulary
 from rtnf.tokens import TokenSpec, window_ends
-from rtnf.train.baselines import (BASELINES, decoding_scores, evaluate, fit_baselines,
-                                  save_baselines)
+from rtnf.train.baselines import BASELINES, decoding_scores, fit_baselines, save_baselines
 from rtnf.train.dataset import (Normalization, SessionWindows, behavior_before,
                                 contiguous_split, dims_for_sessions)
 from rtnf.train.finetune import finetune
 from rtnf.train.metrics import bits_per_spike
 from rtnf.train.pretrain import default_checkpoint, initialise_rate_bias
 from rtnf.train.report import write_report
+from rtnf.train.smoothing import fit_taus, smooth
 
 
 @dataclass
@@ -211,19 +213,26 @@ def calibrate(session: Session, config: Config, out: str | Path,
     log(f"finetuned: {tuned.epochs} epochs, best validation loss "
         f"{tuned.best_validation_loss:.3f} at epoch {tuned.best_epoch}")
 
-    validation_behavior, _ = predict(model, windows["validation"])
-    holdout_behavior, holdout_expected = predict(model, windows["holdout"])
     baselines = fit_baselines(session, blocks.train, blocks.validation, targets,
                               dt_resolution=config.windows.dt_resolution)
-    holdout_targets = windows["holdout"].behavior_targets
-    validation = {"neuroformer": decoding_scores(validation_behavior,
-                                                 windows["validation"].behavior_targets,
-                                                 targets), **baselines.validation}
-    holdout = {"neuroformer": decoding_scores(holdout_behavior, holdout_targets, targets)}
+    actual = {name: windows[name].behavior_targets for name in ("validation", "holdout")}
+    (validation_behavior, _), (holdout_raw, holdout_expected) = (
+        predict(model, windows[name]) for name in ("validation", "holdout"))
+    raw = {"neuroformer": {"validation": validation_behavior, "holdout": holdout_raw}}
     for kind, decoder in baselines.decoders.items():
-        holdout[kind] = evaluate(decoder, decoder.features(session, blocks.holdout),
-                                 holdout_targets, targets)
-    best_baseline = max(baselines.validation, key=lambda k: baselines.validation[k]["r2_weighted"])
+        raw[kind] = {name: decoder.predict(decoder.features(session, getattr(blocks, name)))
+                     for name in ("validation", "holdout")}
+    hop = config.windows.hop
+    taus = {kind: fit_taus(blocks_["validation"], actual["validation"], hop)
+            for kind, blocks_ in raw.items()}
+    decoded = {kind: {name: smooth(values, taus[kind], hop) for name, values in blocks_.items()}
+               for kind, blocks_ in raw.items()}
+    validation, holdout = ({kind: decoding_scores(decoded[kind][name], actual[name], targets)
+                            for kind in decoded} for name in ("validation", "holdout"))
+    holdout_unsmoothed = {kind: decoding_scores(raw[kind]["holdout"], actual["holdout"], targets)
+                          for kind in raw}
+    holdout_behavior, holdout_targets = decoded["neuroformer"]["holdout"], actual["holdout"]
+    best_baseline = max(baselines.decoders, key=lambda k: validation[k]["r2_weighted"])
     beats = (validation["neuroformer"]["r2_weighted"]
              > validation[best_baseline]["r2_weighted"])
     use_model = beats or not calibration.require_beats_baseline
@@ -251,6 +260,9 @@ def calibrate(session: Session, config: Config, out: str | Path,
                      "curve": tuned.curve},
         "validation": validation,
         "holdout": holdout,
+        "holdout_unsmoothed": holdout_unsmoothed,
+        "smoothing_tau_s": {kind: dict(zip(targets, map(float, values)))
+                            for kind, values in taus.items()},
         "next_window_bits_per_spike": bits,
         "verdict": verdict,
         "seconds": round(time.monotonic() - started, 1),
@@ -282,6 +294,7 @@ def _write_bundle(out: str | Path, config: Config, source: dict[str, Any],
             "known_units": prepared.known_units,
             "mean_next_counts": [float(c) for c in mean_next_counts]})
         write_json(staging / "normalization.json", normalization.to_dict())
+        write_json(staging / SMOOTHING, metrics["smoothing_tau_s"])
         save_baselines(staging / BASELINES, baselines.decoders)
         scale = np.array([normalization.std[name] for name in targets])
         offset = np.array([normalization.mean[name] for name in targets])

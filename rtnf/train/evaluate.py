@@ -4,8 +4,8 @@ scores its held-out block.
 The session is seen through the bundle's unit list (`Session.with_units`): units the bundle was
 calibrated on but the session lacks are silent, units the bundle does not know are left out,
 and both are counted in the result. Every window of the chosen span is decoded by the bundle's
-Neuroformer and by each baseline decoder saved with it; the behaviour targets are standardised
-with the bundle's normalisation; next-window bits/spike are measured against each unit's mean
+Neuroformer and by each baseline decoder saved with it, each output smoothed as calibration
+chose (smoothing.json); the behaviour targets are standardised with the bundle's normalisation; next-window bits/spike are measured against each unit's mean
 on the calibration's training windows (kept in units.json), and on simulated sessions the
 oracle (true rates, scaled per unit to the observed spike counts) is given beside them.
 The result has the shape of the bundle's report/metrics.json (`models`, `heldout_s`,
@@ -19,14 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from rtnf.bundle import UNITS, Bundle
+from rtnf.bundle import SMOOTHING, UNITS, Bundle
 from rtnf.data.session import Session
 from rtnf.errors import RtnfError
 from rtnf.tokens import TokenSpec, window_ends
-from rtnf.train.baselines import BASELINES, decoding_scores, evaluate, load_baselines
+from rtnf.train.baselines import BASELINES, decoding_scores, load_baselines
 from rtnf.train.calibrate import model_table, oracle_counts, predict
 from rtnf.train.dataset import Normalization, SessionWindows
 from rtnf.train.metrics import bits_per_spike
+from rtnf.train.smoothing import smooth
 
 
 def evaluate_bundle(bundle: Bundle, session: Session, start_s: float | None = None,
@@ -55,10 +56,14 @@ def evaluate_bundle(bundle: Bundle, session: Session, start_s: float | None = No
                              int(bundle.session_row), next_window)
 
     behavior, expected = predict(model, windows)
-    actual = windows.behavior_targets
-    scores = {"neuroformer": decoding_scores(behavior, actual, targets)}
+    decoded = {"neuroformer": behavior}
     for kind, decoder in load_baselines(bundle.directory / BASELINES).items():
-        scores[kind] = evaluate(decoder, decoder.features(seen, ends), actual, targets)
+        decoded[kind] = decoder.predict(decoder.features(seen, ends))
+    taus = _smoothing(bundle, targets)
+    actual = windows.behavior_targets
+    scores = {kind: decoding_scores(smooth(values, taus.get(kind, np.zeros(len(targets))),
+                                           config.windows.hop), actual, targets)
+              for kind, values in decoded.items()}
 
     counts = windows.next_counts(np.arange(len(windows)))
     mean = np.asarray(units_file["mean_next_counts"], dtype=np.float64)
@@ -78,6 +83,16 @@ def evaluate_bundle(bundle: Bundle, session: Session, start_s: float | None = No
                   "unknown_left_out": session.n_units - len(present)},
         "next_window_bits_per_spike": bits,
     }
+
+
+def _smoothing(bundle: Bundle, targets: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each decoder's output time constants from the bundle (none in older bundles)."""
+    path = bundle.directory / SMOOTHING
+    if not path.is_file():
+        return {}
+    recorded = json.loads(path.read_text())
+    return {kind: np.array([float(taus.get(t, 0.0)) for t in targets])
+            for kind, taus in recorded.items()}
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
