@@ -129,6 +129,9 @@ def plot(summary: dict, path: Path) -> None:
                 axis.errorbar([float(m) for m in lengths], mean, yerr=spread, marker="o",
                               capsize=3, label=name)
             axis.set_xscale("log")
+            axis.minorticks_off()
+            ticks = sorted({float(m) for by_length in summary[rig].values() for m in by_length})
+            axis.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
             axis.set_xlabel("calibration data (minutes)")
             axis.set_ylabel(f"{target} r (test block)")
             axis.set_title(f"{rig}: {target}")

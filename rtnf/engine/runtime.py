@@ -44,16 +44,15 @@ class Engine:
         keys, values = history
         context = {"history_keys": keys, "history_values": values,
                    "history_mask": torch.zeros((1, 1, 1, keys.shape[3]))}
-        if self.stages:
-            given = {"frames": frames, "behavior_inputs": behavior_inputs}
-            names = {"frame": "frames", "behavior": "behavior_inputs"}
-            missing = [names[stage] for stage in self.stages if given[names[stage]] is None]
-            if missing:
-                raise ValueError(f"this model needs {' and '.join(missing)} for every window")
-            outputs = self.backend.run("context", {names[s]: given[names[s]]
-                                                   for s in self.stages})
-            for stage, keys_, values_ in zip(self.stages, outputs[0::2], outputs[1::2]):
-                context[f"{stage}_keys"], context[f"{stage}_values"] = keys_, values_
+        if not self.stages:
+            return context
+        given = {"frame": ("frames", frames), "behavior": ("behavior_inputs", behavior_inputs)}
+        missing = [given[stage][0] for stage in self.stages if given[stage][1] is None]
+        if missing:
+            raise ValueError(f"this model needs {' and '.join(missing)} for every window")
+        outputs = iter(self.backend.run("context", dict(given[stage] for stage in self.stages)))
+        for stage in self.stages:
+            context[f"{stage}_keys"], context[f"{stage}_values"] = next(outputs), next(outputs)
         return context
 
     def decode(self, units: torch.Tensor, dts: torch.Tensor, start_bin: int, context: Context
