@@ -10,8 +10,9 @@ machine and library versions, and rebuilt when stale, so it changes legitimately
 `BundleWriter` builds a bundle in a sibling staging directory and swaps it into place with two
 renames (existing bundle -> sibling backup, staging -> final), so the final path only ever holds a
 complete bundle; `BundleAmender` adds files to a bundle the same way (from a copy of it). A
-crash between the two renames leaves only the backup; the next write or load puts it back. `verify_bundle` refuses a bundle whose files do not match its manifest. One writer
-at a time is assumed.
+crash between the two renames leaves only the backup; the next write or load puts it back.
+`verify_bundle` refuses a bundle whose files do not match its manifest. One writer at a time is
+assumed.
 """
 
 from __future__ import annotations

@@ -215,6 +215,7 @@ class CalibrationConfig:
     steps_per_epoch: int = field(default=40, metadata=non_negative("batches >= 0 (0: all)"))
     max_minutes: float = field(default=2.0,
                                metadata=non_negative("minutes >= 0 (0: no time limit)"))
+    select_on: Literal["total", "decoding"] = "total"
     learning_rate: float = field(default=3e-3, metadata=positive("a positive learning rate"))
     unfreeze_after: int = field(default=0, metadata=non_negative("epochs >= 0 (0: never)"))
     unfreeze_learning_rate: float = field(default=3e-4,

@@ -10,9 +10,9 @@ Stages, in order:
 4. the baselines (ridge / Wiener filter, MLP, GRU) fitted on exactly the same training windows;
    every decoder's output then gets its causal smoothing (`rtnf.train.smoothing`), picked on
    the validation block by the same rule for all;
-5. evaluation on held-out time (smoothed; the unsmoothed scores are kept too): per target Pearson r and R^2 (variance-weighted over targets),
-   next-window bits/spike against each unit's training mean, and on simulated sessions the
-   oracle (the true rates);
+5. evaluation on held-out time (smoothed; the unsmoothed scores are kept too): per target
+   Pearson r and R^2 (variance-weighted over targets), next-window bits/spike against each
+   unit's training mean, and on simulated sessions the oracle (the true rates);
 6. the verdict: the model is used only if it beats the best baseline on the validation block
    (when `require_beats_baseline`); otherwise the ridge decoder is recorded as the fallback;
 7. the bundle, written atomically (`rtnf.bundle`), with the report.

@@ -5,8 +5,9 @@ The session is seen through the bundle's unit list (`Session.with_units`): units
 calibrated on but the session lacks are silent, units the bundle does not know are left out,
 and both are counted in the result. Every window of the chosen span is decoded by the bundle's
 Neuroformer and by each baseline decoder saved with it, each output smoothed as calibration
-chose (smoothing.json); the behaviour targets are standardised with the bundle's normalisation; next-window bits/spike are measured against each unit's mean
-on the calibration's training windows (kept in units.json), and on simulated sessions the
+chose (smoothing.json); the behaviour targets are standardised with the bundle's
+normalisation; next-window bits/spike are measured against each unit's mean on the
+calibration's training windows (kept in units.json), and on simulated sessions the
 oracle (true rates, scaled per unit to the observed spike counts) is given beside them.
 The result has the shape of the bundle's report/metrics.json (`models`, `heldout_s`,
 `verdict`).

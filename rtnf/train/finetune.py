@@ -11,7 +11,8 @@ Methods (`calibration.method`):
 An epoch is `steps_per_epoch` batches of training windows drawn afresh (shuffled, seeded) from
 the whole training block, or one pass over it when that is 0; neighbouring windows overlap by
 most of their span, so a few hundred windows per epoch see most of what the block holds. After
-each epoch the validation loss decides: the best state so far is kept, and `patience` epochs
+each epoch the validation loss (`select_on`: the total, or the decoding part alone) decides:
+the best state so far is kept, and `patience` epochs
 without improvement stop the run, as does the `max_minutes` time budget.
 """
 
@@ -60,14 +61,20 @@ def _batches(windows: SessionWindows, batch_size: int, rng: np.random.Generator 
 
 
 @torch.no_grad()
-def validation_loss(model: Neuroformer, windows: SessionWindows, batch_size: int) -> float:
-    """Mean total loss over the windows (eval mode)."""
+def validation_loss(model: Neuroformer, windows: SessionWindows, batch_size: int,
+                    select_on: str = "total") -> float:
+    """Mean loss over the windows (eval mode): the total, or with `select_on` "decoding" only
+    what the loop reads from every window (behaviour and next-window rates, weighted as in
+    the total)."""
     model.eval()
     total, count = 0.0, 0
+    spec = model.spec
     for inputs, targets in _batches(windows, batch_size, None):
-        parts = losses(model(inputs), inputs, targets, model.spec, model.dims,
+        parts = losses(model(inputs), inputs, targets, spec, model.dims,
                        model.contrastive_projection)
-        total += float(parts["total"]) * inputs.current_units.shape[0]
+        loss = parts["total"] if select_on == "total" else (
+            spec.loss_behavior * parts["behavior"] + spec.loss_rate * parts["rate"])
+        total += float(loss) * inputs.current_units.shape[0]
         count += inputs.current_units.shape[0]
     return total / max(count, 1)
 
@@ -83,7 +90,7 @@ def finetune(model: Neuroformer, train: SessionWindows, validation: SessionWindo
     method = calibration.method
     set_trainable(model, method)
     optimizer = build_optimizer(model, training, calibration.learning_rate)
-    best = (validation_loss(model, validation, calibration.batch_size),
+    best = (validation_loss(model, validation, calibration.batch_size, calibration.select_on),
             copy.deepcopy(model.state_dict()), 0)
     curve: list[dict[str, float]] = [{"epoch": 0, "validation": best[0]}]
     stale, epoch = 0, 0
@@ -104,7 +111,7 @@ def finetune(model: Neuroformer, train: SessionWindows, validation: SessionWindo
             nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
             optimizer.step()
             train_losses.append(float(parts["total"].detach()))
-        loss = validation_loss(model, validation, calibration.batch_size)
+        loss = validation_loss(model, validation, calibration.batch_size, calibration.select_on)
         curve.append({"epoch": epoch, "train": float(np.mean(train_losses)), "validation": loss})
         improved = loss < best[0]
         elapsed = time.monotonic() - started
