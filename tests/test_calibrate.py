@@ -17,11 +17,14 @@ from rtnf.data.io import read_session, write_session
 from rtnf.data.sim import simulate
 from rtnf.errors import RtnfError
 from rtnf.model.checkpoint import load_checkpoint
+from rtnf.model.losses import losses
 from rtnf.stream.lslconfig import import_pylsl
 from rtnf.train import calibrate as calibrate_module
 from rtnf.train.baselines import decoder_from_state
-from rtnf.train.calibrate import calibrate, split_session
+from rtnf.train.calibrate import calibrate, prepare_model, session_windows, split_session
+from rtnf.train.dataset import Normalization, behavior_before
 from rtnf.train.evaluate import evaluate_bundle
+from rtnf.train.finetune import validation_loss
 from rtnf.train.smoothing import TAUS_S
 from rtnf.train.pretrain import pretrain
 
@@ -291,3 +294,24 @@ def test_finetuning_keeps_to_its_time_budget(animal, pretrained, tmp_path):
     assert metrics["finetune"]["epochs"] == 1
     assert any(line.startswith("epoch 1/50: training loss ") for line in lines)
     assert any("time budget of 0.0001 min reached; keeping epoch" in line for line in lines)
+
+
+def test_epoch_selection_on_the_decoding_loss(animal, pretrained):
+    """select_on decoding scores what the loop reads (behaviour and rates), nothing else."""
+    config, sessions = animal
+    checkpoint = load_checkpoint(pretrained)
+    prepared = prepare_model(sessions[2], config, checkpoint.model, checkpoint.vocabulary)
+    ends = split_session(sessions[2], config).validation
+    normalization = Normalization.fit(behavior_before(
+        sessions[2], prepared.model.dims.behavior_targets, ends, config.windows.dt_resolution))
+    windows = session_windows(sessions[2], ends, prepared, normalization, config)
+    model, spec = prepared.model.eval(), prepared.model.spec
+    with torch.no_grad():
+        inputs, targets = windows.batch(np.arange(len(windows)))
+        parts = losses(model(inputs), inputs, targets, spec, model.dims,
+                       model.contrastive_projection)
+    decoding = validation_loss(model, windows, len(windows), "decoding")
+    assert decoding == pytest.approx(float(spec.loss_behavior * parts["behavior"]
+                                           + spec.loss_rate * parts["rate"]), rel=1e-5)
+    assert validation_loss(model, windows, len(windows)) == pytest.approx(
+        float(parts["total"]), rel=1e-5)
