@@ -25,8 +25,8 @@ from rtnf.train.calibrate import calibrate, prepare_model, session_windows, spli
 from rtnf.train.dataset import Normalization, behavior_before
 from rtnf.train.evaluate import evaluate_bundle
 from rtnf.train.finetune import validation_loss
-from rtnf.train.smoothing import TAUS_S
 from rtnf.train.pretrain import pretrain
+from rtnf.train.smoothing import TAUS_S
 
 TINY = ["simulation.sessions=3", "simulation.neurons=30", "simulation.minutes=1.2",
         "simulation.seed=7", "model.n_embd=32", "model.n_head=2", "model.n_current_layers=1",
