@@ -16,6 +16,9 @@ once per repeat, interleaved, so machine noise falls on all of them alike.
   (the reference recomputes the whole prefix and the context);
 - `generate_98`: a whole next-window generation of 98 spikes (exactly; EOS held back).
 
+ONNX Runtime also runs with the other thread-spinning setting than `engine.spin`
+(`onnxruntime-spin-on` / `-off`), for comparison; the summary uses the configured one.
+
 Summary figures: per backend `decode_ms` and `ar_step_ms` ({p50, p99} at 64 tokens); for the
 faster compiled backend (lower decode median), `compiled_vs_eager` = its decode p50 / the eager
 reference's, and `kv_speedup` = the reference's whole generation / its cached one.
@@ -64,6 +67,10 @@ def build_backends(model: Neuroformer, unit_rows: torch.Tensor, threads: int, sp
         paths = {name: export_graph(graph, directory / f"{name}.onnx").path
                  for name, graph in graphs.items()}
         backends["onnxruntime"] = OnnxRuntimeBackend(paths, directory, threads, spin)
+        # The other spinning setting, measured beside it (engine.spin: off is often better on
+        # a small machine, where a spinning thread takes the core the loop needs).
+        backends[f"onnxruntime-spin-{'off' if spin else 'on'}"] = OnnxRuntimeBackend(
+            paths, directory, threads, not spin)
     return backends
 
 
@@ -186,7 +193,7 @@ def _report(config: Config, model: Neuroformer, times: dict[str, dict[str, list[
                        "ar_step_ms": p50_p99(name, f"step_{middle}"),
                        "built": descriptions.get(name, {"backend": "torch eager, no caching"}),
                        "figures": figures[name]} for name in figures}
-    compiled = [name for name in figures if name != REFERENCE]
+    compiled = [name for name in figures if name != REFERENCE and "-spin-" not in name]
     fastest = min(compiled, key=lambda name: backends[name]["decode_ms"]["p50"])
 
     def median(backend: str, call: str) -> float:
