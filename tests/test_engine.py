@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -329,3 +330,20 @@ def test_torch_cuda_graphs_match_torch_cpu(bundle_dir, precision, bound):
                            precision)
     assert max(backend_parity(backend, graphs).values()) <= bound
     assert max(backend_parity(backend, graphs, seed=12).values()) <= bound  # replayed graphs
+
+
+def test_bench_engine_reports_every_summary_figure():
+    """`rtnf bench engine --json` on a tiny model: every backend and summary key is there."""
+    tiny = ["model.n_embd=32", "model.n_head=2", "model.n_current_layers=1",
+            "model.n_history_layers=1", "model.n_frame_encoder_layers=1",
+            "model.n_frame_layers=1", "model.n_decoder_layers=1", "windows.current_capacity=40"]
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "bench", "engine", "--repeats",
+                             "2", "--json", *[a for item in tiny for a in ("--set", item)]],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["backends"]) >= {"torch-eager-uncached", "torch", "onnxruntime"}
+    for backend in report["backends"].values():
+        assert set(backend["decode_ms"]) == {"p50", "p99"} and backend["ar_step_ms"]["p50"] > 0
+    assert all(report[key] > 0 for key in ("compiled_vs_eager", "kv_speedup", "history_ratio"))
+    assert report["setup"]["tokens"] == [16, 40, 40]  # capped at the window's capacity
