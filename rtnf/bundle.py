@@ -302,6 +302,7 @@ class Bundle:
     unit_ids: np.ndarray  # (N,) the calibration session's unit ids, in local order
     unit_rows: torch.Tensor  # (N,) the model's table row of each local unit
     session_row: torch.Tensor  # () the model's session row
+    mean_next_counts: np.ndarray | None  # (N,) training mean spikes per next window, if kept
 
 
 def load_bundle(directory: str | Path) -> Bundle:
@@ -314,10 +315,12 @@ def load_bundle(directory: str | Path) -> Bundle:
         unit_ids = np.asarray(units["unit_ids"], dtype=np.int64)
         rows = torch.as_tensor(units["rows"], dtype=torch.long)
         session_row = torch.tensor(int(units["session_row"]))
+        mean = units.get("mean_next_counts")
+        mean_next_counts = None if mean is None else np.asarray(mean, dtype=np.float64)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"bundle {directory}: {UNITS} is not a unit map ({exc!r})") from None
     if rows.shape != unit_ids.shape:
         raise BundleError(f"bundle {directory}: {UNITS} has {unit_ids.size} unit ids but "
                           f"{rows.numel()} rows")
     return Bundle(directory, manifest, load_config([directory / CONFIG]),
-                  load_checkpoint(directory), unit_ids, rows, session_row)
+                  load_checkpoint(directory), unit_ids, rows, session_row, mean_next_counts)

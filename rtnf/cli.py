@@ -261,19 +261,19 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
     config = _config(args, [f"model.preset={args.preset}"] if args.preset else [])
     torch.set_num_threads(args.threads or config.engine.threads)
-    report = run(config, repeats=args.repeats)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
-    return 0
+    return _bench_report(args, run(config, repeats=args.repeats), format_table)
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from rtnf.bench.engine_speed import format_table, run
 
     config = _config(args, [f"model.preset={args.preset}"] if args.preset else [])
-    report = run(config, repeats=args.repeats)
+    return _bench_report(args, run(config, repeats=args.repeats), format_table)
+
+
+def _bench_report(args: argparse.Namespace, report: dict,
+                  format_table: Callable[[dict], str]) -> int:
+    """Write the benchmark's JSON to --out when given; print it (--json) or its table."""
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

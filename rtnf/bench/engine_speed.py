@@ -35,9 +35,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rtnf.bench.model_speed import percentiles, session_windows, timed, with_current_length
-from rtnf.config import Config, SimulationConfig
-from rtnf.data.sim import simulate
+from rtnf.bench.model_speed import (HISTORIES_S, percentiles, speed_setup, timed,
+                                    with_current_length)
+from rtnf.config import Config
 from rtnf.engine.backend import Backend
 from rtnf.engine.export import export_graph
 from rtnf.engine.graphs import session_graphs
@@ -47,11 +47,9 @@ from rtnf.model.generation import Sampling, generate_window
 from rtnf.model.history import HistoryCache
 from rtnf.model.inputs import ModelInputs, inputs_from_tokens
 from rtnf.model.neuroformer import Neuroformer
-from rtnf.model.spec import spec_from_config
-from rtnf.tokens import absolute_bins, window_ends
+from rtnf.tokens import absolute_bins
 
 TOKENS = (16, 64, 100)
-HISTORIES_S = (0.15, 1.0)
 GENERATED_SPIKES = 98
 REFERENCE = "torch-eager-uncached"
 
@@ -77,17 +75,12 @@ def build_backends(model: Neuroformer, unit_rows: torch.Tensor, threads: int, sp
 @torch.inference_mode()
 def run(config: Config, repeats: int = 100, minutes: float = 1.0) -> dict[str, Any]:
     """Every figure of the module docstring for `config.model`'s preset and `config.engine`."""
-    torch.manual_seed(0)
-    (session,) = simulate(SimulationConfig(neurons=386, minutes=minutes, seed=0), "2p")
+    setup = speed_setup(config, repeats, minutes)
+    session, ends, windows, model = setup.session, setup.ends, setup.windows, setup.model
     current = config.windows.current
-    ends = window_ends(session.start_time, session.end_time, config.windows, full_history=True)
-    ends = ends[ends >= max(HISTORIES_S) + current][:repeats + 1]
-    windows = {h: session_windows(config, session, ends, h) for h in HISTORIES_S}
     short = windows[HISTORIES_S[0]]
     capacity = config.windows.current_capacity
     token_counts = tuple(min(n, capacity) for n in TOKENS)
-    model = Neuroformer(spec_from_config(config), short.dims, n_units=session.n_units,
-                        n_sessions=1).eval()
     unit_rows = torch.as_tensor(short.unit_rows)
 
     def window(history_s: float, index: int, tokens: int | None = None) -> ModelInputs:

@@ -83,18 +83,37 @@ def session_windows(config: Config, session: Session, ends: np.ndarray, history_
                           np.arange(session.n_units), 0, config.windows.current)
 
 
+@dataclasses.dataclass
+class SpeedSetup:
+    """What the speed benchmarks time: a simulated 2p session (386 units), `repeats` + 1
+    window ends with at least the longest history before them, the windows at each history
+    length, and a model of the configured preset (random weights: speed does not depend on
+    them)."""
+
+    session: Session
+    ends: np.ndarray
+    windows: dict[float, SessionWindows]
+    model: Neuroformer
+
+
+def speed_setup(config: Config, repeats: int, minutes: float) -> SpeedSetup:
+    torch.manual_seed(0)
+    (session,) = simulate(SimulationConfig(neurons=386, minutes=minutes, seed=0), "2p")
+    ends = window_ends(session.start_time, session.end_time, config.windows, full_history=True)
+    ends = ends[ends >= max(HISTORIES_S) + config.windows.current][:repeats + 1]
+    windows = {h: session_windows(config, session, ends, h) for h in HISTORIES_S}
+    model = Neuroformer(spec_from_config(config), windows[HISTORIES_S[0]].dims,
+                        n_units=session.n_units, n_sessions=1).eval()
+    return SpeedSetup(session, ends, windows, model)
+
+
 @torch.inference_mode()
 def run(config: Config, repeats: int = 30, minutes: float = 1.0) -> dict[str, Any]:
     """Every figure of the module docstring for `config.model`'s preset."""
-    torch.manual_seed(0)
-    (session,) = simulate(SimulationConfig(neurons=386, minutes=minutes, seed=0), "2p")
+    setup = speed_setup(config, repeats, minutes)
+    session, ends, windows, model = setup.session, setup.ends, setup.windows, setup.model
     current = config.windows.current
-    ends = window_ends(session.start_time, session.end_time, config.windows, full_history=True)
-    ends = ends[ends >= max(HISTORIES_S) + current][:repeats + 1]
-    windows = {h: session_windows(config, session, ends, h) for h in HISTORIES_S}
     short = windows[HISTORIES_S[0]]
-    model = Neuroformer(spec_from_config(config), short.dims, n_units=session.n_units,
-                        n_sessions=1).eval()
 
     def inputs(history_s: float, index: int) -> ModelInputs:
         return windows[history_s].batch(np.array([index]))[0]

@@ -27,6 +27,7 @@ Every graph runs the `Neuroformer`'s own modules and methods; nothing here re-im
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -94,7 +95,7 @@ class SlotCache:
         return self.keys, self.values
 
 
-class Graph(nn.Module):
+class Graph(nn.Module, ABC):
     """A hot call of `model` for one session's units; `forward(*inputs)` in `inputs` order."""
 
     name: ClassVar[str]
@@ -111,14 +112,16 @@ class Graph(nn.Module):
         self.context_inputs = context_names(model.spec, model.dims)
         self.inputs, self.outputs = self.io()
 
+    @abstractmethod
     def io(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        raise NotImplementedError
+        """The graph's input names and output names, in order."""
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.compute(**dict(zip(self.inputs, tensors)))
 
+    @abstractmethod
     def compute(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """The outputs, in `outputs` order, for the named inputs."""
 
     def context(self, inputs: dict[str, torch.Tensor]) -> Context:
         def layers(prefix: str) -> list[tuple[torch.Tensor, torch.Tensor]]:

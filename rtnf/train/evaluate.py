@@ -50,7 +50,6 @@ def evaluate_bundle(bundle: Bundle, session: Session, start_s: float | None = No
     known = set(bundle.unit_ids.tolist())
     present = [int(unit) for unit in session.unit_ids if int(unit) in known]
     seen = session.with_units(bundle.unit_ids)
-    units_file = json.loads((bundle.directory / UNITS).read_text())
     normalization = Normalization.from_dict(bundle.checkpoint.normalization)
     windows = SessionWindows(seen, ends, TokenSpec.from_config(config.windows, seen.n_units),
                              model.dims, normalization, bundle.unit_rows.numpy(),
@@ -67,7 +66,10 @@ def evaluate_bundle(bundle: Bundle, session: Session, start_s: float | None = No
               for kind, values in decoded.items()}
 
     counts = windows.next_counts(np.arange(len(windows)))
-    mean = np.asarray(units_file["mean_next_counts"], dtype=np.float64)
+    mean = bundle.mean_next_counts
+    if mean is None:
+        raise RtnfError(f"bundle {bundle.directory}: {UNITS} has no mean_next_counts (written by "
+                        f"an older rtnf); calibrate again to evaluate it")
     bits = {"model": bits_per_spike(counts, expected, mean), "spikes": int(counts.sum())}
     truth = oracle_counts(seen, ends, next_window)
     if truth is not None:
