@@ -263,6 +263,17 @@ def tokenize_window(spike_times: np.ndarray, spike_units: np.ndarray, window_end
     return tokenize_windows(spike_times, spike_units, np.array([window_end]), spec)[0]
 
 
+def tokenize_current(spike_times: np.ndarray, spike_units: np.ndarray, window_end: float,
+                     spec: TokenSpec) -> WindowTokens:
+    """The current window's tokens of the one sample ending at `window_end` (arrays
+    (capacity,)), for a loop that keeps the history's keys/values cached and needs no history
+    tokens. `spike_times` must hold at least the window's spikes, sorted."""
+    end_ticks = to_ticks(np.array([window_end]), spec.dt_resolution)
+    ticks = to_ticks(spike_times, spec.dt_resolution)
+    units = np.asarray(spike_units, dtype=np.int64)
+    return _window_sequences(ticks, units, end_ticks, spec.current, spec)[0]
+
+
 def _window_sequences(ticks: np.ndarray, units: np.ndarray, end_ticks: np.ndarray,
                       layout: WindowLayout, spec: TokenSpec) -> WindowTokens:
     """One window kind's sequences for every window end, from sorted spike ticks and units."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import onnxruntime
 import pytest
 import torch
 
-from rtnf.bundle import UNITS, BundleWriter, load_bundle, verify_bundle, write_json
-from rtnf.config import EngineConfig, SimulationConfig, WindowsConfig, load_config
+from rtnf.bundle import load_bundle, verify_bundle
+from rtnf.config import EngineConfig, SimulationConfig
 from rtnf.data.sim import simulate
 from rtnf.engine.buckets import bucket, in_chunks, lengths, pad_inputs, trim_outputs
 from rtnf.engine.compile import backend_parity, compile_bundle
@@ -25,23 +24,12 @@ from rtnf.engine.tensorrt_plan import (FP16_PARITY, dimension_ranges, fp16_graph
                                        profile_shapes)
 from rtnf.engine.torch_backend import TorchBackend
 from rtnf.errors import EngineError
-from rtnf.model.checkpoint import Checkpoint, save_checkpoint
 from rtnf.model.generation import Sampling, generate_window
 from rtnf.model.history import HistoryCache, as_layers, model_keys_values
 from rtnf.model.inputs import inputs_from_tokens
 from rtnf.model.neuroformer import Neuroformer
-from rtnf.model.spec import PRESETS, ModelDims
-from rtnf.model.vocabulary import Vocabulary
 from rtnf.tokens import TokenSpec, absolute_bins, tokenize_windows, window_ends
-
-SPEC = dataclasses.replace(PRESETS["rt-small"], n_embd=32, n_head=2, n_current_layers=1,
-                           n_history_layers=2, n_frame_encoder_layers=1, n_frame_layers=1,
-                           n_behavior_layers=1, n_decoder_layers=1, dropout=0.0,
-                           temporal_hidden=16)
-WINDOWS = WindowsConfig(hop=0.05, current=0.05, history=0.15, current_capacity=40,
-                        history_capacity=30)
-FRAMES = (3, 24, 32)
-
+from random_bundle import FRAMES, WINDOWS, write_bundle
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -60,25 +48,6 @@ def session():
 @pytest.fixture(scope="module")
 def token_spec(session) -> TokenSpec:
     return TokenSpec.from_config(WINDOWS, session.n_units)
-
-
-def write_bundle(session, out):
-    """A bundle holding a small random model with every stage (frames, behaviour inputs)."""
-    torch.manual_seed(0)
-    vocabulary = Vocabulary()
-    rows, session_row = vocabulary.add_session(session)
-    dims = ModelDims(current_bins=5, history_bins=15, current_capacity=WINDOWS.current_capacity,
-                     history_capacity=WINDOWS.history_capacity, frame_shape=FRAMES,
-                     behavior_inputs=("speed",))
-    model = Neuroformer(SPEC, dims, vocabulary.n_units, vocabulary.n_sessions).eval()
-    config = load_config(overrides=[f"windows.current_capacity={WINDOWS.current_capacity}",
-                                    f"windows.history_capacity={WINDOWS.history_capacity}"])
-    with BundleWriter(out, config, {"kind": "test"}) as staging:
-        save_checkpoint(Checkpoint(model, vocabulary, config=config.to_dict()), staging)
-        write_json(staging / UNITS, {"unit_ids": session.unit_ids.tolist(),
-                                     "rows": [int(r) for r in rows],
-                                     "session_row": int(session_row)})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,20 @@ class Engine:
         """Everything a window's tokens attend to across: `history` (SOS first, every key
         valid, e.g. from a `HistoryCache`), the clip (1, T, H, W) uint8 and the standardised
         behaviour inputs (1, n), each when the model has that stage."""
+        return {**self.history_context(history), **self.input_context(frames, behavior_inputs)}
+
+    @staticmethod
+    def history_context(history: KeysValues) -> Context:
+        """The history's part of a window's context."""
         keys, values = history
-        context = {"history_keys": keys, "history_values": values,
-                   "history_mask": torch.zeros((1, 1, 1, keys.shape[3]))}
+        return {"history_keys": keys, "history_values": values,
+                "history_mask": torch.zeros((1, 1, 1, keys.shape[3]))}
+
+    def input_context(self, frames: torch.Tensor | None = None,
+                      behavior_inputs: torch.Tensor | None = None) -> Context:
+        """The clip's and behaviour inputs' part of a window's context (empty when the model
+        reads neither); the loop computes it only when a new frame or sample changes it."""
+        context: Context = {}
         if not self.stages:
             return context
         given = {"frame": ("frames", frames), "behavior": ("behavior_inputs", behavior_inputs)}

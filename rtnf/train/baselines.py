@@ -52,7 +52,16 @@ BASELINES = "baselines"  # the bundle's directory of fitted baseline decoders
 
 
 def binned_history(session: Session, ends: np.ndarray, bin_s: float, n_bins: int) -> np.ndarray:
-    """Spike counts of each unit in the `n_bins` bins of `bin_s` seconds before each window end.
+    """Spike counts of each unit in the `n_bins` bins of `bin_s` seconds before each window end
+    of `session` (`binned_counts` of its spikes)."""
+    return binned_counts(session.spike_times, session.spike_unit_index, session.n_units, ends,
+                         bin_s, n_bins)
+
+
+def binned_counts(spike_times: np.ndarray, spike_units: np.ndarray, n_units: int,
+                  ends: np.ndarray, bin_s: float, n_bins: int) -> np.ndarray:
+    """Spike counts of each unit in the `n_bins` bins of `bin_s` seconds before each window end,
+    from sorted spike times and their local unit indices.
 
     Returns float32 (n_windows, n_bins, n_units), oldest bin first: bin k of the window ending at
     t is [t - (n_bins - k) * bin_s, t - (n_bins - k - 1) * bin_s). Times are snapped to integer
@@ -62,14 +71,14 @@ def binned_history(session: Session, ends: np.ndarray, bin_s: float, n_bins: int
     """
     end_ticks = to_ticks(np.atleast_1d(ends), bin_s)
     start_ticks = end_ticks - n_bins * TICKS_PER_BIN
-    n_windows, n_units = end_ticks.size, session.n_units
+    n_windows = end_ticks.size
     span = (0, 0)
     if n_windows:
         # Only the spikes the windows span (cut with one tick of margin), then exactly on ticks.
         margin = np.array([start_ticks.min() - 1, end_ticks.max() + 1])
-        span = np.searchsorted(session.spike_times, to_seconds(margin, bin_s))
-    ticks = to_ticks(session.spike_times[span[0]:span[1]], bin_s)
-    units = session.spike_unit_index[span[0]:span[1]].astype(np.int64)
+        span = np.searchsorted(spike_times, to_seconds(margin, bin_s))
+    ticks = to_ticks(spike_times[span[0]:span[1]], bin_s)
+    units = np.asarray(spike_units[span[0]:span[1]], dtype=np.int64)
 
     first = np.searchsorted(ticks, start_ticks)
     per_window = np.searchsorted(ticks, end_ticks) - first

@@ -1,0 +1,148 @@
+"""The real-time loop's parts: buffers, per-window decoding (equal to offline decoding), the loop
+itself against a real LSL stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from random_bundle import FRAMES, WINDOWS, write_bundle
+from rtnf.bundle import load_bundle
+from rtnf.config import EngineConfig, SimulationConfig
+from rtnf.data.sim import simulate
+from rtnf.engine.select import open_engine
+from rtnf.model.generation import Sampling
+from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
+from rtnf.rt.decoder import WindowDecoder
+from rtnf.rt.telemetry import Histogram
+from rtnf.tokens import TokenSpec, window_ends
+from rtnf.train.calibrate import predict
+from rtnf.train.dataset import Normalization, SessionWindows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def session():
+    (s,) = simulate(SimulationConfig(neurons=40, minutes=0.3, seed=5), "ephys")
+    return s
+
+
+@pytest.fixture(scope="module")
+def bundle(session, tmp_path_factory):
+    return load_bundle(write_bundle(session, tmp_path_factory.mktemp("rt") / "b",
+                                    behavior_inputs=()))
+
+
+def test_spike_buffer_keeps_order_discards_and_compacts():
+    buffer = SpikeBuffer(8)
+    assert buffer.append(np.arange(5.0), np.arange(5)) == 5
+    buffer.discard_before(3.0)
+    assert len(buffer) == 2
+    assert buffer.append(np.arange(5.0, 12.0), np.arange(5, 12)) == 6  # 2 live + 6 = capacity
+    times, units = buffer.between(4.0, 9.5)
+    np.testing.assert_array_equal(times, [4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    np.testing.assert_array_equal(units, [4, 5, 6, 7, 8, 9])
+    assert buffer.newest == 10.0
+
+
+def test_frame_buffer_builds_clips_as_training_does():
+    frames = FrameBuffer(5, (2, 2))
+    assert frames.clip_before(1.0, 3).sum() == 0  # nothing shown yet: blank
+    images = np.arange(1, 7, dtype=np.uint8)[:, None, None] * np.ones((6, 2, 2), np.uint8)
+    frames.append(np.array([0.0]), images[:1])
+    np.testing.assert_array_equal(frames.clip_before(0.5, 3)[0, :, 0, 0], [1, 1, 1])
+    frames.append(np.arange(1.0, 6.0), images[1:])  # 6 frames into 5 slots
+    np.testing.assert_array_equal(frames.clip_before(4.0, 3)[0, :, 0, 0], [2, 3, 4])
+    np.testing.assert_array_equal(frames.clip_before(2.0, 3)[0, :, 0, 0], [2, 2, 2])
+
+
+def test_behavior_buffer_gives_the_last_sample_before_an_end():
+    behavior = BehaviorBuffer(4, 3)
+    assert behavior.last_before(1.0) is None
+    behavior.append(np.array([0.1, 0.2]), np.array([[1, 2, 3], [4, 5, 6]], np.float32))
+    np.testing.assert_array_equal(behavior.last_before(0.2), [1, 2, 3])
+    np.testing.assert_array_equal(behavior.last_before(0.3), [4, 5, 6])
+
+
+def test_histogram_percentiles_are_close_to_exact_ones():
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(0.5, 0.6, 5000)
+    histogram = Histogram()
+    for value in values:
+        histogram.add(value)
+    for q in (0.5, 0.99):
+        assert histogram.percentile(q) == pytest.approx(np.quantile(values, q), rel=0.06)
+    assert histogram.max == values.max()
+
+
+def _fed_decoder(bundle, session, backend="torch", **options):
+    decoder = WindowDecoder(bundle, open_engine(bundle, EngineConfig(backend=backend, threads=1),
+                                                backend), **options)
+    spikes = SpikeBuffer(session.spike_times.size)
+    spikes.append(session.spike_times, session.spike_unit_index.astype(np.int64))
+    return decoder, spikes
+
+
+def test_window_decoder_equals_offline_decoding(bundle, session):
+    """Hop by hop, with the history cached per spike and frames arriving as they are shown,
+    the decoder gives what the model gives on the same windows offline."""
+    ends = window_ends(session.start_time + 1.0, session.start_time + 4.0, WINDOWS)
+    model = bundle.checkpoint.model
+    spec = TokenSpec.from_config(WINDOWS, session.n_units)
+    windows = SessionWindows(session, ends, spec, model.dims,
+                             Normalization.from_dict(bundle.checkpoint.normalization),
+                             bundle.unit_rows.numpy(), int(bundle.session_row), WINDOWS.current)
+    offline_behavior, offline_expected = predict(model, windows)
+
+    decoder, spikes = _fed_decoder(bundle, session)
+    frames = FrameBuffer(FRAMES[0] + 4, FRAMES[1:])
+    shown = 0
+    for i, end in enumerate(ends):
+        decoder.advance_history(end, spikes)
+        arrived = int(np.searchsorted(session.frames.timestamps, end))
+        frames.append(session.frames.timestamps[shown:arrived],
+                      session.frames.images[shown:arrived])
+        shown = arrived
+        decoder.refresh_inputs(end, frames, None)
+        behavior, expected = decoder.infer(end, decoder.tokenize(end, spikes), spikes)
+        np.testing.assert_allclose(behavior, offline_behavior[i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(expected, offline_expected[i], rtol=1e-4, atol=1e-6)
+
+
+def test_outputs_are_smoothed_in_physical_units(bundle, session):
+    decoder, _ = _fed_decoder(bundle, session)
+    normalization = Normalization.from_dict(bundle.checkpoint.normalization)
+    decoder.gains = np.full(3, 0.5)
+    first = decoder.outputs(np.zeros(3))
+    np.testing.assert_allclose(first, [normalization.mean[t] for t in decoder.targets],
+                               rtol=1e-6)
+    second = decoder.outputs(np.ones(3))  # halfway to +1 standard deviation
+    expected = [normalization.mean[t] + 0.5 * normalization.std[t] for t in decoder.targets]
+    np.testing.assert_allclose(second, expected, rtol=1e-5)
+
+
+def test_generated_prediction_counts_sampled_spikes(bundle, session):
+    decoder, spikes = _fed_decoder(bundle, session, prediction="generate",
+                                   sampling=Sampling(greedy=False), seed=3)
+    end = 2.0
+    decoder.advance_history(end, spikes)
+    frames = FrameBuffer(FRAMES[0], FRAMES[1:])
+    decoder.refresh_inputs(end, frames, None)
+    _, predicted = decoder.infer(end, decoder.tokenize(end, spikes), spikes)
+    assert predicted.shape == (session.n_units,)
+    assert np.all(predicted == np.round(predicted)) and predicted.sum() <= WINDOWS.current_capacity
+
+
+def test_a_model_reading_frames_needs_a_frame_source(bundle, session):
+    decoder, spikes = _fed_decoder(bundle, session)
+    with pytest.raises(Exception, match="rig.sources.frames.kind"):
+        decoder.refresh_inputs(1.0, None, None)
+
