@@ -281,6 +281,65 @@ def _bench_report(args: argparse.Namespace, report: dict,
     return 0
 
 
+# ----------------------------------------------------------------------------- run, demo
+
+
+def _logging_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="rtnf: %(message)s", stream=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rtnf.rt.run import RunOptions, run_closed_loop
+    from rtnf.rt.telemetry import format_summary
+
+    config = _config(args, ["recording.enabled=false"] if args.no_record else [])
+    _logging_to_stderr()
+    options = RunOptions(args.bundle, args.stream, args.backend, args.decoder, args.prediction,
+                         args.seconds, args.run_dir,
+                         live_view=not args.json and not args.quiet and sys.stdout.isatty())
+
+    def started(info: dict) -> None:
+        if args.json or args.quiet:
+            return
+        print(f"running {info['bundle']} ({info['decoder']} on {info['backend']['backend']}); "
+              f"inputs {', '.join(info['sources'])}; outputs {', '.join(info['sinks'])}"
+              + (f"; recording to {info['run_dir']}" if info["run_dir"] else ""), flush=True)
+        for line in info["rules"]:
+            print(f"rule {line}", flush=True)
+        print("Ctrl-C stops (final flush and summary)", flush=True)
+
+    summary = run_closed_loop(config, options, started)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from rtnf.rt.demo import format_demo, run_demo
+
+    config = _config(args)
+    log = (lambda _: None) if args.json else (lambda line: print(line, flush=True))
+    with tempfile.TemporaryDirectory(prefix="rtnf-demo-") as scratch:
+        workdir = args.workdir or Path(scratch)
+        report = run_demo(config, args.seconds, workdir, args.pretrained, log)
+    print(json.dumps(report, indent=2) if args.json else format_demo(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rtnf.rt.export import export_nwb
+
+    if not args.nwb:
+        raise RtnfError("rtnf export: choose a format (--nwb)")
+    out = args.out or args.run.with_suffix(".nwb")
+    path = export_nwb(args.run, out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- simulate
 
 
@@ -442,6 +501,44 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--out", type=Path, help="also write the JSON report here")
     engine.add_argument("--json", action="store_true", help="print the JSON report")
     engine.set_defaults(handler=cmd_bench_engine)
+
+    run = commands.add_parser("run", parents=[common],
+                              help="the closed loop: decode the rig's streams with a bundle")
+    run.add_argument("--bundle", type=Path, required=True, help="bundle directory")
+    run.add_argument("--stream", choices=["lsl", "zmq", "openephys", "replay", "sim"],
+                     help="take every input over this transport (default: rig.sources)")
+    run.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
+    run.add_argument("--backend", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                     help="inference backend (default: engine.backend)")
+    run.add_argument("--decoder", default="auto",
+                     help="behaviour decoder: auto (the calibration verdict's), neuroformer, "
+                          "or a baseline of the bundle (ridge, mlp, gru)")
+    run.add_argument("--prediction", choices=["rates", "generate"], default="rates",
+                     help="next-window activity: the rate head (one pass) or generated tokens")
+    run.add_argument("--run-dir", type=Path,
+                     help="record into this directory (default: recording.directory/<time>)")
+    run.add_argument("--no-record", action="store_true", help="do not record the run")
+    run.add_argument("--quiet", action="store_true", help="no live view; print the summary")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser("demo", parents=[common],
+                               help="calibrate, compile and run the closed loop on the "
+                                    "simulated rig; report decoding and latency")
+    demo.add_argument("--seconds", type=float, default=30.0, help="closed-loop run length")
+    demo.add_argument("--pretrained", type=Path,
+                      help="pretrained checkpoint (default: the cached default one)")
+    demo.add_argument("--workdir", type=Path,
+                      help="keep the bundle, the run record and the logs here")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(handler=cmd_demo)
+
+    export = commands.add_parser("export", help="convert a recorded run")
+    export.add_argument("run", type=Path, help="run directory (recording.directory/...)")
+    export.add_argument("--nwb", action="store_true", help="write an NWB file")
+    export.add_argument("--out", type=Path, help="output file (default: RUN.nwb)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    export.set_defaults(handler=cmd_export)
 
     sim = commands.add_parser("simulate", parents=[common],
                               help="simulate a rig: write session files and/or stream live")

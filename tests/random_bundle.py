@@ -5,17 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from rtnf.bundle import UNITS, BundleWriter, write_json
+from rtnf.bench.untrained_bundle import write_untrained_bundle
 from rtnf.config import WindowsConfig, load_config
 from rtnf.data.session import Session
-from rtnf.model.checkpoint import Checkpoint, save_checkpoint
-from rtnf.model.neuroformer import Neuroformer
 from rtnf.model.spec import PRESETS, ModelDims
-from rtnf.model.vocabulary import Vocabulary
-from rtnf.train.dataset import Normalization
 
 SPEC = dataclasses.replace(PRESETS["rt-small"], n_embd=32, n_head=2, n_current_layers=1,
                            n_history_layers=2, n_frame_encoder_layers=1, n_frame_layers=1,
@@ -28,24 +21,10 @@ FRAMES = (3, 24, 32)
 
 def write_bundle(session: Session, out: Path, behavior_inputs: tuple[str, ...] = ("speed",),
                  targets: tuple[str, ...] = ("speed", "gaze_phi", "gaze_theta")) -> Path:
-    """A bundle holding a small random model with a frame stage (and behaviour inputs), its
-    behaviour normalised with the session's statistics."""
-    torch.manual_seed(0)
-    vocabulary = Vocabulary()
-    rows, session_row = vocabulary.add_session(session)
+    """A bundle holding a small random model with a frame stage (and behaviour inputs)."""
     dims = ModelDims(current_bins=5, history_bins=15, current_capacity=WINDOWS.current_capacity,
                      history_capacity=WINDOWS.history_capacity, frame_shape=FRAMES,
                      behavior_targets=targets, behavior_inputs=behavior_inputs)
-    model = Neuroformer(SPEC, dims, vocabulary.n_units, vocabulary.n_sessions).eval()
     config = load_config(overrides=[f"windows.current_capacity={WINDOWS.current_capacity}",
                                     f"windows.history_capacity={WINDOWS.history_capacity}"])
-    normalization = Normalization.fit({name: channel.values for name, channel
-                                       in session.behavior.items()})
-    with BundleWriter(out, config, {"kind": "test"}) as staging:
-        save_checkpoint(Checkpoint(model, vocabulary, normalization.to_dict(),
-                                   config=config.to_dict()), staging)
-        write_json(staging / UNITS, {"unit_ids": session.unit_ids.tolist(),
-                                     "rows": [int(r) for r in rows],
-                                     "session_row": int(session_row),
-                                     "mean_next_counts": np.ones(session.n_units).tolist()})
-    return out
+    return write_untrained_bundle(session, config, out, SPEC, dims)

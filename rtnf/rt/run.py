@@ -1,0 +1,150 @@
+"""`rtnf run`: a bundle, the rig's sources and the configured outputs, wired into the loop.
+
+`run_closed_loop` opens everything in the order that fails fastest and cheapest (bundle and
+rules, then the engine, then the sources, sinks and the recorder), applies the process's CPU
+settings, runs the loop until it is stopped (SIGINT / SIGTERM, `seconds`, or the end of a
+replayed file), then closes everything in reverse, flushing the recorder last, and returns the
+run's summary. Anything that cannot start is an `RtnfError` naming what to fix; nothing that
+was opened is left open.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from rtnf import __version__
+from rtnf.bundle import load_bundle
+from rtnf.config import Config
+from rtnf.data.session import BEHAVIOR_UNITS
+from rtnf.engine.select import open_engine
+from rtnf.errors import RtnfError
+from rtnf.rt.decoder import Prediction, WindowDecoder
+from rtnf.rt.loop import LoopSettings, RealtimeLoop
+from rtnf.rt.priority import apply_process_settings
+from rtnf.rt.recorder import Recorder
+from rtnf.rt.rules import Rules
+from rtnf.rt.telemetry import LiveView
+from rtnf.stream.lslconfig import import_pylsl
+from rtnf.stream.sinks import open_sinks
+from rtnf.stream.sources import open_sources
+from rtnf.stream.window_output import OutputLayout
+
+log = logging.getLogger("rtnf.rt")
+
+
+@dataclass
+class RunOptions:
+    bundle: Path
+    transport: str | None = None  # replaces every configured source kind (lsl, zmq, ...)
+    backend: str | None = None  # default: engine.backend
+    decoder: str = "auto"  # auto (the calibration verdict's), neuroformer, or a baseline
+    prediction: Prediction = "rates"
+    seconds: float | None = None
+    run_dir: Path | None = None  # default: recording.directory/<time>
+    live_view: bool = False
+
+
+def output_layout(decoder: WindowDecoder, unit_ids) -> OutputLayout:
+    return OutputLayout(decoder.targets, tuple(BEHAVIOR_UNITS[t] for t in decoder.targets),
+                        unit_ids, decoder.windows.current, decoder.windows.hop)
+
+
+def _run_directory(config: Config, options: RunOptions) -> Path:
+    if options.run_dir is not None:
+        return options.run_dir
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path(config.recording.directory) / f"{config.rig.name}-{stamp}"
+
+
+def _check_sinks_of_rules(config: Config) -> None:
+    """A rule that sends to an output that is switched off is a mistake: say so at start."""
+    enabled = {"lsl": config.outputs.lsl.enabled, "zmq": config.outputs.zmq.enabled,
+               "bpod_serial": bool(config.outputs.bpod.serial_port),
+               "bpod_udp": config.outputs.bpod.net_port > 0}
+    keys = {"lsl": "outputs.lsl.enabled", "zmq": "outputs.zmq.enabled",
+            "bpod_serial": "outputs.bpod.serial_port", "bpod_udp": "outputs.bpod.net_port"}
+    for index, rule in enumerate(config.control.rules):
+        for sink in rule.get("sinks", ()):
+            if sink in enabled and not enabled[sink]:
+                raise RtnfError(f"control.rules[{index}].sinks lists {sink}, which is off "
+                                f"({keys[sink]}); turn it on or remove it from the rule")
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the loop cleanly (final flush and summary) instead of killing it;
+    only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_closed_loop(config: Config, options: RunOptions,
+                    on_started: Callable[[dict[str, Any]], None] | None = None
+                    ) -> dict[str, Any]:
+    """Run the loop as configured; returns the summary (also written to the run's record)."""
+    bundle = load_bundle(options.bundle)
+    if bundle.config.windows != config.windows:
+        log.info("windows come from the bundle (hop %.3f s, current %.3f s, history %.3f s)",
+                 bundle.config.windows.hop, bundle.config.windows.current,
+                 bundle.config.windows.history)
+    pylsl = import_pylsl(config.rig.lsl.config, config.rig.lsl.session_id)
+    with ExitStack() as stack:
+        engine = open_engine(bundle, config.engine, options.backend)
+        decoder = WindowDecoder(bundle, engine, options.decoder, options.prediction,
+                                seed=config.training.seed)
+        layout = output_layout(decoder, bundle.unit_ids)
+        rules = Rules.from_config(config.control.rules, layout)
+        _check_sinks_of_rules(config)
+        sources = open_sources(config.rig, options.transport, simulation=config.simulation)
+        for source in sources:
+            stack.callback(source.close)
+        sinks = open_sinks(config.outputs, layout, config.rig.name, config.rig.lsl.config)
+        for sink in sinks:
+            stack.callback(sink.close)
+        recorder = None
+        run_dir = None
+        if config.recording.enabled:
+            run_dir = _run_directory(config, options)
+            recorder = stack.enter_context(Recorder(
+                run_dir, layout, config.recording.flush_interval,
+                {"bundle": str(options.bundle), "rig": config.rig.name, "rtnf": __version__,
+                 "sources": [source.name for source in sources],
+                 "decoder": decoder.decoder_name, "backend": engine.backend.describe()}))
+        process = apply_process_settings(config.realtime)
+        loop = RealtimeLoop(decoder, sources, sinks, layout, pylsl.local_clock, rules, recorder,
+                            LoopSettings(grace_s=config.realtime.grace, seconds=options.seconds))
+        started = {"bundle": str(options.bundle), "hop_s": decoder.windows.hop,
+                   "decoder": decoder.decoder_name,
+                   "backend": engine.backend.describe(), "sources": [s.name for s in sources],
+                   "sinks": [s.name for s in sinks], "rules": rules.describe(),
+                   "run_dir": None if run_dir is None else str(run_dir), "process": process}
+        if on_started is not None:
+            on_started(started)
+        with _stop_on_signals(loop.stop), ExitStack() as view:
+            if options.live_view:
+                view.enter_context(LiveView(loop.telemetry, f"rtnf run: {options.bundle}"))
+            summary = loop.run()
+        summary |= {"started": started,
+                    "sink_errors": {s.name: dict(s.errors) for s in sinks if s.errors},
+                    "rule_errors": dict(rules.errors),
+                    "source_rejected": {s.name: dict(s.rejected) for s in sources
+                                        if s.rejected}}
+        if recorder is not None:
+            recorder.close(summary)
+        return summary
