@@ -271,6 +271,21 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return _bench_report(args, run(config, repeats=args.repeats), format_table)
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from rtnf.bench.latency import CONFIGURATIONS, format_table, plot_histograms, run
+
+    config = _config(args, [f"model.preset={args.preset}"] if args.preset else [])
+    names = tuple(args.configurations or CONFIGURATIONS)
+    unknown = [name for name in names if name not in CONFIGURATIONS]
+    if unknown:
+        raise RtnfError(f"--configurations {unknown[0]}: expected any of "
+                        f"{', '.join(CONFIGURATIONS)}")
+    report = run(config, args.seconds, names)
+    if args.plot is not None:
+        plot_histograms(report, args.plot)
+    return _bench_report(args, report, format_table)
+
+
 def _bench_report(args: argparse.Namespace, report: dict,
                   format_table: Callable[[dict], str]) -> int:
     """Write the benchmark's JSON to --out when given; print it (--json) or its table."""
@@ -501,6 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--out", type=Path, help="also write the JSON report here")
     engine.add_argument("--json", action="store_true", help="print the JSON report")
     engine.set_defaults(handler=cmd_bench_engine)
+    latency = bench_commands.add_parser(
+        "latency", parents=[common],
+        help="end-to-end decision latency: simulated rig -> rtnf run -> receiver")
+    latency.add_argument("--preset", help="model preset (default: model.preset)")
+    latency.add_argument("--seconds", type=float, default=120.0,
+                         help="closed-loop run per configuration")
+    latency.add_argument("--configurations", nargs="+", metavar="NAME",
+                         help="2p-386, 2p-2000, ephys-300 (default: all)")
+    latency.add_argument("--out", type=Path, help="also write the JSON report here")
+    latency.add_argument("--plot", type=Path, help="write the latency histograms (PNG) here")
+    latency.add_argument("--json", action="store_true", help="print the JSON report")
+    latency.set_defaults(handler=cmd_bench_latency)
 
     run = commands.add_parser("run", parents=[common],
                               help="the closed loop: decode the rig's streams with a bundle")
@@ -539,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default: RUN.nwb)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing file")
     export.set_defaults(handler=cmd_export)
+
 
     sim = commands.add_parser("simulate", parents=[common],
                               help="simulate a rig: write session files and/or stream live")

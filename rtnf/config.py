@@ -58,12 +58,16 @@ class LslSourceConfig:
 
 @dataclass
 class SourceConfig:
-    """One input stream of the rig."""
+    """One input stream of the rig: its kind, and what that kind needs (`lsl` the stream;
+    `zmq` / `openephys` the address; `replay` the file; `replay` / `sim` the speed;
+    `openephys` the sample rate until the plugin's data messages give it)."""
 
     kind: Literal["lsl", "zmq", "openephys", "replay", "sim", "none"] = "lsl"
     lsl: LslSourceConfig = field(default_factory=LslSourceConfig)
     address: str = "tcp://127.0.0.1:5556"
     file: str = ""
+    speed: float = field(default=1.0, metadata=positive("a positive factor (1 = real time)"))
+    sample_rate: float = field(default=30000.0, metadata=positive("a positive rate in Hz"))
 
 
 @dataclass
@@ -260,7 +264,7 @@ class OutputsConfig:
 
 @dataclass
 class ControlConfig:
-    rules: list[dict] = field(default_factory=list)
+    rules: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -272,7 +276,7 @@ class RecordingConfig:
 
 @dataclass
 class RealtimeConfig:
-    grace: float = field(default=0.005, metadata=non_negative("a duration >= 0 in seconds"))
+    grace: float = field(default=0.001, metadata=non_negative("a duration >= 0 in seconds"))
     cpu_affinity: list[int] = field(default_factory=list)
     priority: Literal["normal", "high", "realtime"] = "normal"
     max_message_bytes: int = field(default=1 << 20, metadata=positive("a positive byte count"))

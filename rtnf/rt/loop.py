@@ -1,20 +1,31 @@
 """The closed loop: sources in, one decision per window out, every stage bounded and counted.
 
-Threads and bounds:
+One thread, every stage bounded:
 
-    source threads (one per source)  source.poll -> bounded input queue (INPUT_QUEUE batches;
-                                     a full queue drops the batch and counts it)
-    the loop thread (the caller)     input queue -> checks -> buffers (fixed capacity)
-                                     window clock -> decoder -> rules -> sinks, recorder
+    poll        every POLL_S, and at each window's close, each source is polled without
+                waiting (LSL inlets and ZeroMQ sockets hold what arrived in between, bounded
+                by their own buffers) -> checks -> buffers (fixed capacity)
+    close       window clock -> decoder -> rules -> sinks, recorder, telemetry
+
+The loop thread alone touches the sources, the buffers and the engine: no hand-over between
+threads (on a 2-core rig PC, a reader thread woken by every spike slowed inference twofold),
+and the input is read exactly when a window needs it.
 
 Time: every source stamps its records on this machine's LSL clock (`clock`, pylsl.local_clock;
 LSL inlets apply time correction, the other sources map their clocks onto it). The loop works on
 that clock minus `origin` (the run's start, so bins stay small), and window k ends at
-t_k = k * hop. Window k closes when the clock passes t_k + grace: every spike stamped before t_k
-that arrived by then is in it; a spike stamped before t_k that arrives later is late (counted,
-recorded, not decoded). Which spikes belong to a window is decided by their stamps only.
+t_k = k * hop. Window k closes as soon as a spike stamped at or after t_k has arrived (the spike
+stream is in time order, so nothing before t_k is still to come), or when the clock passes
+t_k + grace, whichever is first. A spike stamped before t_k that arrives after the close is late
+(counted, recorded, not decoded). Which spikes belong to a window is decided by their stamps only.
 
-Per window: (close) drain the input queue; if the clock has already passed a later window's
+Work ahead: while waiting for t_k, whenever spikes of window k arrive, the loop decodes the window
+as it stands (at most `SPECULATIONS` times per window, and only while that keeps paying off). If nothing that window k reads changed before it
+closed (its spike count, its clip), that result is the window's result, bit for bit; otherwise
+it is computed again at the close. On a two-photon rig, whose events arrive once per imaging
+frame, the decision is then ready at the close.
+
+Per window: (close) poll every source once more; if the clock has already passed a later window's
 close, skip to the newest closed window and count the skipped ones (no backlog ever builds);
 (tokenize, infer) the decoder; (publish) rules, sinks, recorder, telemetry. Then, while
 waiting for the next window, the decoder prepares it (history keys/values of the spikes that
@@ -31,8 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,10 +57,15 @@ from rtnf.stream.window_output import STAGES, Command, OutputLayout, TelemetrySa
 
 log = logging.getLogger("rtnf.rt")
 
-INPUT_QUEUE = 10_000  # batches waiting for the loop thread
-SOURCE_POLL_S = 0.05  # a source thread's longest wait, so it notices a stop promptly
+POLL_S = 0.001  # sources are polled this often while the loop waits for a window to close
+SOURCE_RETRY_S = 0.5  # a source whose poll failed is left alone this long
 BEHAVIOR_SAMPLES = 64  # latest behaviour samples kept
 FRAME_MARGIN = 4  # frames kept beyond a clip, for frames stamped after a window's end
+SPECULATIONS = 3  # early decodes of one window at most
+EARLY_WINDOWS = 20  # windows over which early decoding's success is judged
+EARLY_MIN_HIT_RATE = 0.25  # below it, early decoding is only tried once every EARLY_WINDOWS
+FUTURE_S = 1.0  # a spike stamped further ahead of this machine's clock is refused
+SETTLE_S = 1.0  # longest wait for every source's first delivery before the first window
 
 
 @dataclass
@@ -58,31 +74,6 @@ class LoopSettings:
     spike_capacity: int = 200_000  # spikes held (fixed memory)
     silence_s: float = 2.0  # a source quiet this long is reported as gone
     seconds: float | None = None  # stop after this long (None: until stopped)
-
-
-class _SourceReader(threading.Thread):
-    """Polls one source and hands its batches to the loop thread through the bounded queue."""
-
-    def __init__(self, index: int, source: Source, inputs: queue.Queue, stop: threading.Event,
-                 telemetry: Telemetry):
-        super().__init__(name=f"rtnf-source-{source.name}", daemon=True)
-        self.index, self.source, self.inputs, self.stop_event = index, source, inputs, stop
-        self.telemetry = telemetry
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                batches = self.source.poll(SOURCE_POLL_S)
-            except Exception as exc:  # a source must not take the loop down
-                self.telemetry.reject(f"{self.source.name}: {type(exc).__name__}")
-                log.warning("source %s failed (%s); retrying", self.source.name, exc)
-                self.stop_event.wait(0.5)
-                continue
-            for batch in batches:
-                try:
-                    self.inputs.put_nowait((self.index, batch))
-                except queue.Full:
-                    self.telemetry.reject("input queue full", len(batch.timestamps))
 
 
 class RealtimeLoop:
@@ -94,7 +85,7 @@ class RealtimeLoop:
         self.hop = decoder.windows.hop
         self.telemetry = Telemetry(self.hop, layout.targets)
         self.stop = threading.Event()
-        self.inputs: queue.Queue = queue.Queue(maxsize=INPUT_QUEUE)
+        self.retry_at = [0.0] * len(sources)  # a failed source is polled again from then
         order = np.argsort(layout.unit_ids)
         self.sorted_ids, self.sorted_index = np.asarray(layout.unit_ids)[order], order
         self.spikes = SpikeBuffer(settings.spike_capacity)
@@ -106,7 +97,13 @@ class RealtimeLoop:
         self.last_heard: list[float | None] = [None] * len(sources)
         self.silent = [False] * len(sources)
         self.closed_until = -math.inf  # end of the newest processed window (loop time)
+        self.next_k: int | None = None  # the window being waited for, and its end (loop time)
+        self.next_end: float | None = None
         self.ingest_s = 0.0
+        self.changed = False  # spikes of the next window arrived since its last early decode
+        self.early: tuple[tuple, object, tuple] | None = None  # (key, tokens, inference)
+        self.early_count = 0
+        self.early_hits: deque[bool] = deque(maxlen=EARLY_WINDOWS)  # did it decide the window?
 
     # --------------------------------------------------------------------------------------
     # Input
@@ -116,7 +113,7 @@ class RealtimeLoop:
         started = self.clock()
         self._heard(index, started)
         if batch.kind == "spikes":
-            self._ingest_spikes(batch)
+            self._ingest_spikes(batch, started)
         elif batch.kind == "behavior":
             self.behavior.append(batch.timestamps - self.origin, batch.records)
             self._record(batch)
@@ -134,22 +131,28 @@ class RealtimeLoop:
             if self.recorder is not None:
                 self.recorder.record_rejected(reason, count, self.clock())
 
-    def _ingest_spikes(self, batch: Batch) -> None:
+    def _ingest_spikes(self, batch: Batch, now: float) -> None:
+        """Map units, refuse what cannot be decoded (counted by reason), buffer the rest."""
         times = batch.timestamps - self.origin
         position = np.minimum(np.searchsorted(self.sorted_ids, batch.records),
                               self.sorted_ids.size - 1)
         known = self.sorted_ids[position] == batch.records
         units = self.sorted_index[position]
         self._reject("unknown unit", int((~known).sum()))
-        before = np.maximum.accumulate(np.r_[self.spikes.newest, times])[:-1]
-        in_order = times >= before
-        self._reject("spike time went backwards", int((known & ~in_order).sum()))
-        late = times < self.closed_until
-        self.telemetry.counters["late_spikes"] += int((known & in_order & late).sum())
-        keep = known & in_order & ~late
+        future = known & (times > now - self.origin + FUTURE_S)
+        self._reject("spike stamped in the future", int(future.sum()))
+        candidate = known & ~future
+        before = np.maximum.accumulate(np.r_[self.spikes.newest,
+                                             np.where(candidate, times, -np.inf)])[:-1]
+        backwards = candidate & (times < before)
+        self._reject("spike time went backwards", int(backwards.sum()))
+        late = candidate & ~backwards & (times < self.closed_until)
+        self.telemetry.counters["late_spikes"] += int(late.sum())
+        keep = candidate & ~backwards & ~late
         if keep.any():
             fitted = self.spikes.append(times[keep], units[keep])
             self._reject("burst beyond the spike buffer", int(keep.sum()) - fitted)
+            self.changed = True
         self._record(batch)
 
     def _ingest_frames(self, batch: Batch) -> None:
@@ -162,7 +165,9 @@ class RealtimeLoop:
             return
         self.frames.append(batch.timestamps - self.origin, batch.records)
         self._record(batch)
-        self.decoder.refresh_inputs(self.next_end, self.frames, self.behavior)
+        if self.next_end is not None:
+            self.decoder.refresh_inputs(self.next_end, self.frames, self.behavior)
+            self.changed = True
 
     def _heard(self, index: int, now: float) -> None:
         if self.silent[index]:
@@ -181,12 +186,20 @@ class RealtimeLoop:
                 log.warning("source %s silent for %.1f s; waiting for it to come back",
                             self.sources[index].name, now - heard)
 
-    def _drain(self) -> None:
-        while True:
+    def _poll(self) -> None:
+        """Take whatever every source holds now, without waiting."""
+        for index, source in enumerate(self.sources):
+            if self.clock() < self.retry_at[index]:
+                continue
             try:
-                self._ingest(*self.inputs.get_nowait())
-            except queue.Empty:
-                return
+                batches = source.poll(0.0)
+            except Exception as exc:  # a source must not take the loop down
+                self.telemetry.reject(f"{source.name}: {type(exc).__name__}")
+                log.warning("source %s failed (%s); retrying", source.name, exc)
+                self.retry_at[index] = self.clock() + SOURCE_RETRY_S
+                continue
+            for batch in batches:
+                self._ingest(index, batch)
 
     # --------------------------------------------------------------------------------------
     # Windows
@@ -198,6 +211,35 @@ class RealtimeLoop:
         self.decoder.advance_history(self.next_end, self.spikes)
         self.decoder.refresh_inputs(self.next_end, self.frames, self.behavior)
         self.spikes.discard_before(self.next_end - self.decoder.span_s)
+        self.early, self.early_count, self.changed = None, 0, True
+
+    def _window_key(self, end: float) -> tuple:
+        """What a window's result depends on beyond its prepared history: its spikes (the
+        buffer only grows in time order, so their count says it) and its encoded inputs."""
+        times, _ = self.spikes.between(end - self.decoder.windows.current, end)
+        return times.size, self.decoder.inputs_key
+
+    def _decode_early(self) -> None:
+        """Decode the next window as it stands. Started any time before the close, it pays
+        when nothing more arrives for the window: the close then finds its result ready (or
+        waits for the rest of it) instead of starting a decode."""
+        if not self.changed or self.early_count >= SPECULATIONS or not self._early_pays():
+            return
+        end = self.next_end
+        key = self._window_key(end)
+        tokens = self.decoder.tokenize(end, self.spikes)
+        self.early = (key, tokens, self.decoder.infer(end, tokens, self.spikes))
+        self.early_count += 1
+        self.changed = False
+
+    def _early_pays(self) -> bool:
+        """Early decoding costs a decode each time; keep at it only where it decides windows
+        (a rig whose spikes arrive in bursts, like two-photon imaging frames), and otherwise
+        try it again once every EARLY_WINDOWS windows (spikes arriving all the time, as on an
+        ephys rig, change the window until it closes)."""
+        hits = self.early_hits
+        return (len(hits) < hits.maxlen or sum(hits) >= EARLY_MIN_HIT_RATE * len(hits)
+                or self.next_k % EARLY_WINDOWS == 0)
 
     def _process(self, k: int, closed: float) -> None:
         """Decode window k and send its outputs; `closed`: when the loop saw it close."""
@@ -205,9 +247,17 @@ class RealtimeLoop:
         stage_ms = {"ingest": self.ingest_s * 1e3, "close": (closed - self.origin - end) * 1e3}
         self.ingest_s = 0.0
         started = self.clock()
-        tokens = self.decoder.tokenize(end, self.spikes)
-        tokenized = self.clock()
-        behavior, predicted = self.decoder.infer(end, tokens, self.spikes)
+        decided_early = self.early is not None and self.early[0] == self._window_key(end)
+        if self.early is not None:
+            self.early_hits.append(decided_early)
+        if decided_early:
+            _, tokens, (behavior, predicted) = self.early
+            self.telemetry.counters["decided_early"] += 1
+            tokenized = self.clock()
+        else:
+            tokens = self.decoder.tokenize(end, self.spikes)
+            tokenized = self.clock()
+            behavior, predicted = self.decoder.infer(end, tokens, self.spikes)
         decoded = self.decoder.outputs(behavior)
         inferred = self.clock()
         self.telemetry.counters["truncated_spikes"] += int(tokens.truncated)
@@ -234,41 +284,41 @@ class RealtimeLoop:
             self.recorder.record_telemetry(sample)
         self.closed_until = end
 
+    def _settle(self, until: float) -> None:
+        """Take what the sources held before the run began (an inlet's first chunk can hold
+        the last second) until each has delivered once, or `until`: history, not late spikes."""
+        while None in self.last_heard and not self.stop.is_set() and self.clock() < until:
+            self._poll()
+            self.stop.wait(POLL_S)
+
     def run(self) -> dict:
         """Run until `stop` is set, `settings.seconds` have passed or every replayed source
         has finished; returns the telemetry summary."""
         settings = self.settings
         self.origin = math.floor(self.clock())
         started = self.clock()
-        readers = [_SourceReader(i, source, self.inputs, self.stop, self.telemetry)
-                   for i, source in enumerate(self.sources)]
-        for reader in readers:
-            reader.start()
-        self._prepare(math.floor((started - self.origin) / self.hop) + 1)
-        try:
-            while not self.stop.is_set():
-                now = self.clock()
-                if settings.seconds is not None and now - started >= settings.seconds:
-                    break
-                if all(getattr(source, "finished", False) for source in self.sources):
-                    break
-                closing = self.origin + self.next_end + settings.grace_s
-                if now < closing:
-                    try:
-                        self._ingest(*self.inputs.get(timeout=min(closing - now, 0.25)))
-                    except queue.Empty:
-                        self._check_silence(now)
-                    continue
-                closed = self.clock()
-                self._drain()
-                newest = math.floor((self.clock() - self.origin - settings.grace_s) / self.hop)
-                if newest > self.next_k:  # fell behind: skip to the newest closed window
-                    self.telemetry.counters["skipped"] += newest - self.next_k
-                    self._prepare(newest)
-                self._process(self.next_k, closed)
-                self._prepare(self.next_k + 1)
-        finally:
-            self.stop.set()
-            for reader in readers:
-                reader.join(timeout=2.0)
+        self._settle(started + SETTLE_S)
+        self._prepare(math.floor((self.clock() - self.origin) / self.hop) + 1)
+        while not self.stop.is_set():
+            now = self.clock()
+            if settings.seconds is not None and now - started >= settings.seconds:
+                break
+            if all(getattr(source, "finished", False) for source in self.sources):
+                break
+            due = self.origin + self.next_end
+            closing = due + settings.grace_s
+            if now < closing and not (now >= due and self.spikes.newest >= self.next_end):
+                self.stop.wait(min(closing - now, POLL_S))
+                self._poll()
+                self._decode_early()
+                self._check_silence(now)
+                continue
+            closed = self.clock()
+            self._poll()
+            newest = math.floor((self.clock() - self.origin - settings.grace_s) / self.hop)
+            if newest > self.next_k:  # fell behind: skip to the newest closed window
+                self.telemetry.counters["skipped"] += newest - self.next_k
+                self._prepare(newest)
+            self._process(self.next_k, closed)
+            self._prepare(self.next_k + 1)
         return self.telemetry.summary()

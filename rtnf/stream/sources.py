@@ -1,19 +1,33 @@
-"""Rig inputs as batches of timestamped records: LSL inlets and ZeroMQ subscribers.
+"""Rig inputs as batches of timestamped records: LSL inlets, ZeroMQ subscribers (rtnf binary or
+Bonsai-style CSV), the Open Ephys GUI's ZMQ Interface, replay of a session file and the
+in-process simulator; `open_sources` opens what rig.sources configures.
 
 A source yields `Batch`es: the kind (`spikes`, `behavior`, `frames`), timestamps in seconds on
 the receiving machine's LSL clock (pylsl.local_clock), and one record per timestamp (a unit id;
 the three behaviour values in `BEHAVIOR_CHANNELS` order, NaN where the stream lacks one; a uint8
 image). `poll(timeout)` waits at most `timeout` seconds and never blocks longer.
 
+Every source passes what it delivers through a `RecordGate`: per kind, timestamps must be finite
+and never earlier than the last one delivered; unit ids must be integers, behaviour values finite
+or NaN ("no value"), frame pixels within 0..255. Offending records are dropped and counted by
+reason in the source's `rejected` counter, as are malformed messages (one count per message);
+nothing is fatal and nothing received is unpickled. Unknown units are the loop's business (it
+knows the bundle's units).
+
 - LSL (`LslSource`): the stream named in rig.sources.<kind>.lsl (then type and source id when
   given) is resolved with discovery scoped by rig.lsl.config (loopback by default); the inlet
   has `recover` on and clock synchronisation on, so timestamps are mapped onto this machine's
-  clock (`time_correction`). Spike streams have one int channel (unit id) or two (channel,
-  unit: RIGS.md); behaviour channels are matched by the labels in the stream description;
-  frames are reshaped with the description's height and width.
-- ZeroMQ (`ZmqSource`): a SUB socket connects to the publisher's address and takes rtnf's binary
-  messages (`rtnf.stream.zmq_messages`). A malformed message is rejected and counted by reason
-  (`rejected`), never unpickled, never fatal.
+  clock (`time_correction`), and an outlet that vanishes and comes back (same source id) is
+  re-attached. Spike streams have one int channel (unit id) or two (channel, unit: RIGS.md);
+  behaviour channels are matched by the labels in the stream description; frames are reshaped
+  with the description's height and width.
+- ZeroMQ (`ZmqSource`): a SUB socket connects to the publisher's address and takes rtnf's
+  messages, binary or CSV text (`rtnf.stream.zmq_messages`); ZeroMQ reconnects by itself when
+  a publisher goes away and another binds the address.
+- Open Ephys (`rtnf.stream.openephys.OpenEphysSource`): sorted spikes from the GUI's ZMQ
+  Interface plugin, its sample clock mapped onto this machine's clock.
+- Replay and simulator (`rtnf.stream.replay.ReplaySource`): a session file, or a session
+  simulated from the `simulation` config, played in real time (or faster).
 """
 
 from __future__ import annotations
@@ -25,15 +39,28 @@ from typing import Protocol
 
 import numpy as np
 
-from rtnf.config import RigConfig, SourceConfig
+from rtnf.config import RigConfig, SimulationConfig, SourceConfig
+from rtnf.data.session import Session
 from rtnf.errors import RtnfError
 from rtnf.stream.lslconfig import import_pylsl
-from rtnf.stream.zmq_messages import (BEHAVIOR_CHANNELS, TOPICS, BehaviorMessage, FrameMessage,
-                                      Kind, MessageError, SpikeMessage, decode_multipart)
+from rtnf.stream.zmq_messages import (
+    BEHAVIOR_CHANNELS,
+    DEFAULT_MAX_BYTES,
+    TOPICS,
+    FrameMessage,
+    Kind,
+    Message,
+    MessageError,
+    SpikeMessage,
+    decode_multipart,
+)
 
 KINDS = ("spikes", "behavior", "frames")
+SOURCE_KINDS = ("lsl", "zmq", "openephys", "replay", "sim", "none")
 RESOLVE_TIMEOUT_S = 5.0
+MAX_CHUNK = 100_000  # samples taken from an LSL inlet at once
 ZMQ_HIGH_WATER_MARK = 100_000  # messages queued before ZeroMQ drops (a capture must not lose any)
+MAX_MESSAGES_PER_POLL = 10_000  # a flooding publisher cannot hold poll() for long
 
 
 @dataclass
@@ -45,7 +72,7 @@ class Batch:
 
 class Source(Protocol):
     name: str
-    rejected: Counter
+    rejected: Counter  # reason -> rejected records or messages
 
     def poll(self, timeout: float) -> list[Batch]:
         ...
@@ -54,12 +81,66 @@ class Source(Protocol):
         ...
 
 
+class RecordGate:
+    """The checks every source applies to the records it delivers, per kind; what fails is
+    dropped and counted in `rejected` under one reason per record."""
+
+    def __init__(self, rejected: Counter):
+        self.rejected = rejected
+        self.latest: dict[str, float] = {}  # kind -> last timestamp delivered
+
+    def admit(self, kind: str, timestamps: np.ndarray, records: np.ndarray) -> list[Batch]:
+        """The records of `kind` that pass, as a batch (none if nothing passes)."""
+        timestamps = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        finite = np.isfinite(timestamps)
+        records, valid, invalid_reason = _checked_records(kind, np.asarray(records))
+        candidate = finite & valid
+        # The latest time delivered before each record; a rejected record never raises it.
+        before = np.maximum.accumulate(np.concatenate((
+            [self.latest.get(kind, -np.inf)], np.where(candidate, timestamps, -np.inf))))[:-1]
+        keep = candidate & (timestamps >= before)
+        self._count("timestamp not finite", ~finite)
+        self._count(invalid_reason, finite & ~valid)
+        self._count("time went backwards", candidate & ~keep)
+        if not keep.any():
+            return []
+        self.latest[kind] = float(timestamps[keep][-1])
+        return [Batch(kind, timestamps[keep], records[keep])]
+
+    def _count(self, reason: str, offending: np.ndarray) -> None:
+        count = int(np.count_nonzero(offending))
+        if count:
+            self.rejected[reason] += count
+
+
+def _checked_records(kind: str, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """The records in the kind's dtype, which of them hold valid values, and the reason the
+    others are rejected under."""
+    if kind == "spikes":
+        if records.dtype.kind != "f":
+            return records.astype(np.int64), np.ones(len(records), bool), ""
+        valid = np.isfinite(records) & (np.floor(records) == records) & (
+            np.abs(records) < 2.0 ** 63)
+        return np.where(valid, records, 0).astype(np.int64), valid, "unit not an integer"
+    if kind == "behavior":
+        with np.errstate(over="ignore"):  # beyond float32: infinity, rejected
+            values = records.astype(np.float32)
+        return values, ~np.isinf(values).any(axis=1), "behaviour value infinite"
+    if records.dtype == np.uint8:
+        return records, np.ones(len(records), bool), ""
+    pixels = records.reshape(len(records), -1)
+    valid = (np.isfinite(pixels) & (pixels >= 0) & (pixels <= 255)).all(axis=1)
+    images = np.where(valid[:, None], pixels, 0).astype(np.uint8).reshape(records.shape)
+    return images, valid, "frame pixels outside 0..255"
+
+
 class LslSource:
     """One LSL stream of the rig (spikes, behaviour or frames)."""
 
     def __init__(self, kind: str, source: SourceConfig, pylsl: ModuleType,
                  resolve_timeout: float = RESOLVE_TIMEOUT_S):
         self.kind, self.pylsl, self.rejected = kind, pylsl, Counter()
+        self.gate = RecordGate(self.rejected)
         wanted = source.lsl
         predicate = f"name='{wanted.name}'"
         if wanted.type:
@@ -72,7 +153,9 @@ class LslSource:
                             f"{resolve_timeout:g} s; is the rig streaming, and does "
                             f"rig.lsl.config let rtnf see it?")
         self.name = f"lsl:{wanted.name}"
-        flags = pylsl.proc_clocksync  # timestamps mapped onto this machine's clock
+        # Timestamps mapped onto this machine's clock, and kept in order when a new clock-offset
+        # estimate jumps back by a fraction of a millisecond.
+        flags = pylsl.proc_clocksync | pylsl.proc_monotonize
         self.inlet = pylsl.StreamInlet(found[0], max_buflen=360, recover=True,
                                        processing_flags=flags)
         info = self.inlet.info(resolve_timeout)
@@ -113,35 +196,42 @@ class LslSource:
         return shape
 
     def poll(self, timeout: float) -> list[Batch]:
-        samples, stamps = self.inlet.pull_chunk(timeout=timeout, max_samples=100_000)
+        # pull_chunk with a timeout waits until its buffer is full or the timeout expires, so
+        # it would hold samples back for the whole timeout: take what is there, and otherwise
+        # wait for one sample (pull_sample returns as soon as one arrives), then the rest.
+        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
         if not stamps:
-            return []
-        values, stamps = np.asarray(samples), np.asarray(stamps, dtype=np.float64)
+            first, stamp = self.inlet.pull_sample(timeout=timeout)
+            if first is None:
+                return []
+            samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
+            samples, stamps = [first, *samples], [stamp, *stamps]
+        values = np.asarray(samples)
         if self.kind == "spikes":
-            records = values[:, -1].astype(np.int64)  # (unit) or (channel, unit)
+            records = values[:, -1]  # (unit) or (channel, unit)
         elif self.kind == "behavior":
-            records = np.full((len(stamps), len(BEHAVIOR_CHANNELS)), np.nan, dtype=np.float32)
+            records = np.full((len(stamps), len(BEHAVIOR_CHANNELS)), np.nan)
             for k, column in enumerate(self.behavior_columns):
                 if column is not None:
                     records[:, k] = values[:, column]
         else:
-            if values.min() < 0 or values.max() > 255:
-                self.rejected["frame pixels outside 0..255"] += len(stamps)
-                return []
-            records = values.astype(np.uint8).reshape(len(stamps), *self.frame_shape)
-        return [Batch(self.kind, stamps, records)]
+            records = values.reshape(len(stamps), *self.frame_shape)
+        return self.gate.admit(self.kind, stamps, records)
 
     def close(self) -> None:
         self.inlet.close_stream()
 
 
 class ZmqSource:
-    """rtnf's ZeroMQ messages from one publisher, for the kinds given."""
+    """rtnf's ZeroMQ messages (binary or CSV text) from one publisher, for the kinds given."""
 
-    def __init__(self, address: str, kinds: list[str], context=None):
+    def __init__(self, address: str, kinds: list[str], context=None,
+                 max_message_bytes: int = DEFAULT_MAX_BYTES):
         import zmq
 
         self.zmq, self.kinds, self.rejected = zmq, kinds, Counter()
+        self.gate = RecordGate(self.rejected)
+        self.max_message_bytes = max_message_bytes
         self.name = f"zmq:{address}"
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.SUB)
@@ -155,54 +245,146 @@ class ZmqSource:
         batches: list[Batch] = []
         if not self.socket.poll(int(timeout * 1000)):
             return batches
-        while True:
+        for _ in range(MAX_MESSAGES_PER_POLL):
             try:
                 parts = self.socket.recv_multipart(self.zmq.NOBLOCK)
             except self.zmq.Again:
-                return batches
+                break
             try:
-                message = decode_multipart(parts)
+                kind, timestamps, records = _message_records(
+                    decode_multipart(parts, self.max_message_bytes))
             except MessageError as exc:
-                self.rejected[str(exc)] += 1
+                self.rejected[exc.reason] += 1
                 continue
-            if isinstance(message, SpikeMessage):
-                batches.append(Batch("spikes", message.timestamps.copy(),
-                                     message.unit_ids.astype(np.int64)))
-            elif isinstance(message, BehaviorMessage):
-                batches.append(Batch("behavior", message.timestamps.copy(),
-                                     message.values.copy()))
-            elif isinstance(message, FrameMessage):
-                batches.append(Batch("frames", message.timestamps.copy(), message.images.copy()))
+            batches += self.gate.admit(kind, timestamps, records)
+        return batches
 
     def close(self) -> None:
         self.socket.close(linger=0)
 
 
-def open_sources(rig: RigConfig, transport: str | None = None) -> list[Source]:
-    """The rig's configured inputs (spikes required; behaviour and frames unless `none`);
-    `transport` (lsl or zmq) replaces every configured kind that is not `none`."""
-    chosen = {kind: getattr(rig.sources, kind) for kind in KINDS}
-    kinds = {kind: transport if transport and source.kind != "none" else source.kind
-             for kind, source in chosen.items()}
-    if kinds["spikes"] == "none":
-        raise RtnfError("rig.sources.spikes.kind is none: rtnf needs a spike stream")
-    unsupported = {kind: k for kind, k in kinds.items() if k not in ("lsl", "zmq", "none")}
-    if unsupported:
-        kind, value = next(iter(unsupported.items()))
-        raise RtnfError(f"rig.sources.{kind}.kind = {value}: capturing supports lsl and zmq")
+def _message_records(message: Message) -> tuple[str, np.ndarray, np.ndarray]:
+    """A decoded message as (kind, timestamps, records); behaviour padded to three channels."""
+    if isinstance(message, SpikeMessage):
+        return "spikes", message.timestamps, message.unit_ids
+    if isinstance(message, FrameMessage):
+        return "frames", message.timestamps, message.images
+    channels = message.values.shape[1]
+    if channels > len(BEHAVIOR_CHANNELS):
+        raise MessageError(f"behaviour message with {channels} channels; rtnf takes at most "
+                           f"{len(BEHAVIOR_CHANNELS)} ({', '.join(BEHAVIOR_CHANNELS)})",
+                           "too many behaviour channels")
+    values = np.full((len(message.timestamps), len(BEHAVIOR_CHANNELS)), np.nan, np.float32)
+    values[:, :channels] = message.values
+    return "behavior", message.timestamps, values
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening the rig's sources
+# ---------------------------------------------------------------------------------------------
+
+
+def open_sources(rig: RigConfig, transport: str | None = None,
+                 simulation: SimulationConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_BYTES) -> list[Source]:
+    """The rig's configured inputs (spikes required; behaviour and frames unless `none`).
+
+    `transport` replaces every configured kind that is not `none`. Kinds that share a ZeroMQ
+    address share one subscriber; kinds replayed from the same file share one `ReplaySource`, as
+    do `sim` kinds (one session simulated from `simulation` with profile rig.profile, looped).
+    """
+    groups = _source_groups(_source_kinds(rig, transport), rig)
+    needs_clock = any(source_kind != "zmq" for source_kind, _ in groups)
+    pylsl = import_pylsl(rig.lsl.config, rig.lsl.session_id) if needs_clock else None
     sources: list[Source] = []
-    pylsl = None
-    by_address: dict[str, list[str]] = {}
     try:
-        for kind, source_kind in kinds.items():
-            if source_kind == "lsl":
-                pylsl = pylsl or import_pylsl(rig.lsl.config, rig.lsl.session_id)
-                sources.append(LslSource(kind, chosen[kind], pylsl))
-            elif source_kind == "zmq":
-                by_address.setdefault(chosen[kind].address, []).append(kind)
-        sources += [ZmqSource(address, kinds_) for address, kinds_ in by_address.items()]
+        for (source_kind, key), kinds in groups.items():
+            sources.append(_open_group(source_kind, key, kinds, rig, simulation, pylsl,
+                                       max_message_bytes))
     except BaseException:
         for source in sources:
             source.close()
         raise
     return sources
+
+
+def _source_kinds(rig: RigConfig, transport: str | None) -> dict[str, str]:
+    """kind -> source kind, checked: spikes required, Open Ephys for spikes only."""
+    configured = {kind: getattr(rig.sources, kind).kind for kind in KINDS}
+    kinds = {kind: transport if transport and value != "none" else value
+             for kind, value in configured.items()}
+    for kind, value in kinds.items():
+        if value not in SOURCE_KINDS:
+            raise RtnfError(f"rig.sources.{kind}.kind = {value!r}: expected one of "
+                            f"{', '.join(SOURCE_KINDS)}")
+        if value == "openephys" and kind != "spikes":
+            raise RtnfError(f"rig.sources.{kind}.kind = openephys: the Open Ephys ZMQ Interface "
+                            "gives spikes only")
+    if kinds["spikes"] == "none":
+        raise RtnfError("rig.sources.spikes.kind is none: rtnf needs a spike stream")
+    return kinds
+
+
+def _source_groups(kinds: dict[str, str], rig: RigConfig) -> dict[tuple[str, str], list[str]]:
+    """(source kind, what identifies one source) -> the kinds it delivers."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for kind, source_kind in kinds.items():
+        source = getattr(rig.sources, kind)
+        key = {"lsl": kind, "zmq": source.address, "openephys": source.address,
+               "replay": source.file, "sim": "", "none": None}[source_kind]
+        if key is not None:
+            groups.setdefault((source_kind, key), []).append(kind)
+    return groups
+
+
+def _open_group(source_kind: str, key: str, kinds: list[str], rig: RigConfig,
+                simulation: SimulationConfig | None, pylsl: ModuleType | None,
+                max_message_bytes: int) -> Source:
+    """One source delivering `kinds` (Open Ephys and replay are imported only when used)."""
+    first: SourceConfig = getattr(rig.sources, kinds[0])
+    if source_kind == "lsl":
+        return LslSource(kinds[0], first, pylsl)
+    if source_kind == "zmq":
+        return ZmqSource(key, kinds, max_message_bytes=max_message_bytes)
+    if source_kind == "openephys":
+        from rtnf.stream.openephys import OpenEphysSource
+
+        return OpenEphysSource(key, first.sample_rate, clock=pylsl.local_clock,
+                               max_message_bytes=max_message_bytes)
+    from rtnf.stream.replay import ReplaySource
+
+    speed = _shared_speed(rig, kinds)
+    if source_kind == "replay":
+        return ReplaySource(_replayed_session(rig, kinds), kinds, speed,
+                            clock=pylsl.local_clock, name=f"replay:{key}")
+    return ReplaySource(_simulated_session(rig, kinds, simulation), kinds, speed, loop=True,
+                        clock=pylsl.local_clock, name=f"sim:{rig.profile}")
+
+
+def _shared_speed(rig: RigConfig, kinds: list[str]) -> float:
+    speeds = {kind: getattr(rig.sources, kind).speed for kind in kinds}
+    if len(set(speeds.values())) > 1:
+        listed = ", ".join(f"rig.sources.{kind}.speed = {speed:g}" for kind, speed in
+                           speeds.items())
+        raise RtnfError(f"{listed}: kinds played from one session share one speed")
+    return speeds[kinds[0]]
+
+
+def _replayed_session(rig: RigConfig, kinds: list[str]) -> Session:
+    from rtnf.data.io import read_session
+
+    path = getattr(rig.sources, kinds[0]).file
+    if not path:
+        raise RtnfError(f"rig.sources.{kinds[0]}.file is empty: replay needs a session file "
+                        "(.npz, .nwb or .xdf)")
+    return read_session(path, rig.nwb, rig.xdf)
+
+
+def _simulated_session(rig: RigConfig, kinds: list[str],
+                       simulation: SimulationConfig | None) -> Session:
+    from rtnf.data.sim import simulate
+
+    if simulation is None:
+        raise RtnfError(f"rig.sources.{kinds[0]}.kind = sim needs the simulation section of the "
+                        "configuration (open_sources(..., simulation=config.simulation))")
+    return simulate(simulation, rig.profile)[0]
