@@ -175,7 +175,8 @@ def _capture_live(args: argparse.Namespace, config: Config, minutes: float,
               f"{counts['spikes']} spikes, {counts['behavior']} behaviour samples, "
               f"{counts['frames']} frames, {progress.rejected} rejected", end="", flush=True)
 
-    sources = open_sources(config.rig, args.source)
+    sources = open_sources(config.rig, args.source, simulation=config.simulation,
+                           max_message_bytes=config.realtime.max_message_bytes)
     log(f"capturing {minutes:g} min from {', '.join(s.name for s in sources)}")
     try:
         session = capture_session(sources, minutes * 60, None if args.json else show)
@@ -335,6 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from rtnf.rt.demo import format_demo, run_demo
 
+    args.recipe = "quick"  # a 4-minute calibration session; --set still overrides it
     config = _config(args)
     log = (lambda _: None) if args.json else (lambda line: print(line, flush=True))
     with tempfile.TemporaryDirectory(prefix="rtnf-demo-") as scratch:

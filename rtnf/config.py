@@ -78,7 +78,7 @@ class SourcesConfig:
             lsl=LslSourceConfig(name="rtnf-sim-behavior", type="Behavior")))
     frames: SourceConfig = field(
         default_factory=lambda: SourceConfig(
-            kind="none", lsl=LslSourceConfig(name="rtnf-sim-frames", type="Frames")))
+            lsl=LslSourceConfig(name="rtnf-sim-frames", type="Frames")))
 
 
 @dataclass

@@ -20,10 +20,13 @@ FRAMES = (3, 24, 32)
 
 
 def write_bundle(session: Session, out: Path, behavior_inputs: tuple[str, ...] = ("speed",),
-                 targets: tuple[str, ...] = ("speed", "gaze_phi", "gaze_theta")) -> Path:
-    """A bundle holding a small random model with a frame stage (and behaviour inputs)."""
+                 targets: tuple[str, ...] = ("speed", "gaze_phi", "gaze_theta"),
+                 frames: bool = True) -> Path:
+    """A bundle holding a small random model with a frame stage (unless not `frames`) and
+    behaviour inputs."""
     dims = ModelDims(current_bins=5, history_bins=15, current_capacity=WINDOWS.current_capacity,
-                     history_capacity=WINDOWS.history_capacity, frame_shape=FRAMES,
+                     history_capacity=WINDOWS.history_capacity,
+                     frame_shape=FRAMES if frames else None,
                      behavior_targets=targets, behavior_inputs=behavior_inputs)
     config = load_config(overrides=[f"windows.current_capacity={WINDOWS.current_capacity}",
                                     f"windows.history_capacity={WINDOWS.history_capacity}"])

@@ -68,8 +68,8 @@ def test_lsl_capture_holds_exactly_what_the_rig_sent(session):
 def test_zmq_capture_and_a_malformed_message_is_counted_not_fatal(session):
     streamer = StreamerThread(session, "zmq", speed=SPEED, address="tcp://127.0.0.1:*")
     address = streamer.stats.endpoints["zmq"]
-    sources = open_sources(rig(spikes={"address": address}, behavior={"address": address}),
-                           "zmq")
+    sources = open_sources(rig(spikes={"address": address}, behavior={"address": address},
+                               frames={"kind": "none"}), "zmq")
     assert len(sources) == 1 and sources[0].name == f"zmq:{address}"
     intruder = zmq.Context.instance().socket(zmq.PUB)  # a second publisher, sending garbage
     intruder_address = address.rsplit(":", 1)[0] + ":*"

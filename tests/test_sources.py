@@ -448,7 +448,8 @@ def rig(**sources):
 def test_sim_and_replay_kinds_open_through_open_sources(session, tmp_path):
     simulation = SimulationConfig(neurons=10, minutes=0.05, seed=2)
     (sim,) = open_sources(rig(spikes={"kind": "sim", "speed": 4.0},
-                              behavior={"kind": "sim", "speed": 4.0}), simulation=simulation)
+                              behavior={"kind": "sim", "speed": 4.0}, frames={"kind": "none"}),
+                          simulation=simulation)
     assert isinstance(sim, ReplaySource) and sim.name == "sim:2p" and sim.loop
     received = collect(sim, lambda r: r["spikes"] and r["behavior"])
     assert received["spikes"][0].records.dtype == np.int64
@@ -457,7 +458,8 @@ def test_sim_and_replay_kinds_open_through_open_sources(session, tmp_path):
     path = tmp_path / "session.npz"
     write_session(session, path)
     (replay,) = open_sources(rig(spikes={"kind": "replay", "file": str(path), "speed": 8.0},
-                                 behavior={"kind": "replay", "file": str(path), "speed": 8.0}))
+                                 behavior={"kind": "replay", "file": str(path), "speed": 8.0},
+                                 frames={"kind": "none"}))
     assert replay.name == f"replay:{path}" and not replay.loop
     received = collect(replay, lambda r: replay.finished)
     np.testing.assert_array_equal(joined(received["spikes"])[1],

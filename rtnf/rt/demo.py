@@ -3,7 +3,8 @@
 1. the pretrained checkpoint: the cached default one (pretrained on first use) or `pretrained`;
 2. a new animal the pretraining never saw (`DEMO_SEED`): day 1 is the calibration session,
    day 2 is streamed live;
-3. `rtnf calibrate` on day 1 (the quick recipe), then `rtnf compile`;
+3. `rtnf calibrate` on day 1's first minutes (`rtnf demo` uses the quick recipe), then
+   `rtnf compile`;
 4. three processes, as on a rig: the simulated rig streams day 2 over LSL (`rtnf simulate
    --stream lsl`), `rtnf run` decodes it in closed loop with a control rule (running fast ->
    `running` / `resting` commands), and this process receives rtnf's outputs with plain pylsl
@@ -28,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from rtnf.config import Config, load_config, recipe_path
+from rtnf.config import Config
 from rtnf.data.sim import simulate
 from rtnf.engine.compile import compile_bundle
 from rtnf.rt.closed_loop import run_against_simulated_rig
@@ -82,10 +83,8 @@ def run_demo(config: Config, seconds: float, workdir: Path, pretrained: Path | N
     log(f"simulating a new animal (seed {DEMO_SEED}): {simulation.neurons} units, "
         f"{config.rig.profile}; day 1 calibrates, day 2 streams live")
     day1, _ = simulate(simulation, config.rig.profile)
-    quick = load_config([recipe_path("quick")])
-    calibration_config = dataclasses.replace(config, calibration=quick.calibration)
     bundle = workdir / "bundle"
-    metrics = calibrate(day1.first(CALIBRATION_MINUTES * 60), calibration_config, bundle,
+    metrics = calibrate(day1.first(CALIBRATION_MINUTES * 60), config, bundle,
                         pretrained=pretrained, source={"kind": "simulated", "seed": DEMO_SEED},
                         log=log)
     log(f"calibrated in {metrics['seconds']:.0f} s: {metrics['verdict']['reason']}; the loop "

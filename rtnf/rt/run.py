@@ -10,6 +10,7 @@ was opened is left open.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 from rtnf import __version__
 from rtnf.bundle import load_bundle
-from rtnf.config import Config
+from rtnf.config import Config, RigConfig
 from rtnf.data.session import BEHAVIOR_UNITS
 from rtnf.engine.select import open_engine
 from rtnf.errors import RtnfError
@@ -54,6 +55,24 @@ class RunOptions:
 def output_layout(decoder: WindowDecoder, unit_ids) -> OutputLayout:
     return OutputLayout(decoder.targets, tuple(BEHAVIOR_UNITS[t] for t in decoder.targets),
                         unit_ids, decoder.windows.current, decoder.windows.hop)
+
+
+def _rig_for(config: Config, decoder: WindowDecoder) -> RigConfig:
+    """The rig's sources as the bundle needs them: frames only for a model that reads them."""
+    frames = config.rig.sources.frames
+    if decoder.dims.frame_shape is None:
+        frames = dataclasses.replace(frames, kind="none")
+    elif frames.kind == "none":
+        raise RtnfError("the bundle's model reads stimulus frames, and rig.sources.frames.kind "
+                        "is none: set it to the rig's frame stream")
+    rig = dataclasses.replace(config.rig, sources=dataclasses.replace(config.rig.sources,
+                                                                      frames=frames))
+    for kind in ("spikes", "behavior", "frames"):
+        source = getattr(rig.sources, kind)
+        if source.kind in ("replay", "sim") and source.speed != 1.0:
+            raise RtnfError(f"rig.sources.{kind}.speed = {source.speed:g}: the loop decides on "
+                            f"this machine's clock, so it replays in real time; use 1")
+    return rig
 
 
 def _run_directory(config: Config, options: RunOptions) -> Path:
@@ -111,7 +130,9 @@ def run_closed_loop(config: Config, options: RunOptions,
         layout = output_layout(decoder, bundle.unit_ids)
         rules = Rules.from_config(config.control.rules, layout)
         _check_sinks_of_rules(config)
-        sources = open_sources(config.rig, options.transport, simulation=config.simulation)
+        sources = open_sources(_rig_for(config, decoder), options.transport,
+                               simulation=config.simulation,
+                               max_message_bytes=config.realtime.max_message_bytes)
         for source in sources:
             stack.callback(source.close)
         sinks = open_sinks(config.outputs, layout, config.rig.name, config.rig.lsl.config)
