@@ -395,6 +395,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from rtnf.stream.sim_stream import stream_session
 
         session = sessions[-1]
+        if args.from_minute:
+            if args.from_minute * 60 >= session.duration:
+                raise RtnfError(f"--from-minute {args.from_minute:g}: the session lasts "
+                                f"{session.duration / 60:.2f} minutes")
+            session = session.after(args.from_minute * 60)
         address = args.address or config.rig.sources.spikes.address
         print(f"streaming {session.n_units} units over {args.stream} at {args.speed:g}x "
               f"({'LSL streams rtnf-sim-*' if args.stream == 'lsl' else address}); Ctrl-C stops")
@@ -582,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--speed", type=float, default=1.0, help="streaming speed (1 = real time)")
     sim.add_argument("--address", help="ZMQ address to bind (default: the spike source's)")
     sim.add_argument("--loop", action="store_true", help="start over at the end of the session")
+    sim.add_argument("--from-minute", type=float, default=0.0, metavar="M",
+                     help="stream the session from minute M on (e.g. after a calibration part)")
     sim.set_defaults(handler=cmd_simulate)
     return parser
 

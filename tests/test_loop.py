@@ -258,3 +258,32 @@ def test_run_stops_cleanly_on_sigterm_with_its_record(compiled_bundle, tmp_path)
     (run_dir,) = (tmp_path / "runs").iterdir()
     record = read_run(run_dir)
     assert record.finished and record.info["summary"]["loop"]["windows"] == summary["windows"]
+
+
+def test_demo_reports_decoding_and_latency(tmp_path):
+    """`rtnf demo --json` end to end, on a tiny model and a small rig."""
+    tiny = ["simulation.neurons=30", "model.n_embd=32", "model.n_head=2",
+            "model.n_current_layers=1", "model.n_history_layers=1",
+            "model.n_frame_encoder_layers=1", "model.n_frame_layers=1",
+            "model.n_decoder_layers=1", "calibration.max_epochs=2", "calibration.patience=1",
+            "training.max_steps=10", "training.eval_every=10", "training.batch_size=8"]
+    environment = {**os.environ, "RTNF_CACHE": str(tmp_path / "cache")}
+    pretrained = tmp_path / "pretrained"
+    subprocess.run([sys.executable, "-m", "rtnf.cli", "pretrain", "--simulated", "--out",
+                    str(pretrained), "--json", "--set", "simulation.sessions=2",
+                    "--set", "simulation.minutes=0.5",
+                    *[arg for flag in tiny for arg in ("--set", flag)]],
+                   check=True, capture_output=True, env=environment, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "rtnf.cli", "demo", "--json", "--seconds", "8",
+                             "--pretrained", str(pretrained), "--workdir", str(tmp_path / "demo"),
+                             *[arg for flag in tiny for arg in ("--set", flag)]],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["latency_ms"]) >= {"p50", "p99", "p999", "max"}
+    assert report["windows"] > 20 and report["skipped"] >= 0 and report["missed"] >= 0
+    assert set(report["decoding"]) == {"speed_r", "gaze_phi_r", "gaze_theta_r"}
+    # r is undefined (NaN) where the truth did not vary in the few seconds scored.
+    scores = [r for r in report["decoding"].values() if r == r]
+    assert scores and all(-1.0 <= r <= 1.0 for r in scores), report["decoding"]
+    assert report["decoder"] in ("neuroformer", "ridge")

@@ -120,23 +120,36 @@ class Session:
 
     def first(self, seconds: float) -> "Session":
         """The first `seconds` of the recording (everything before start_time + seconds)."""
-        stop = self.start_time + seconds
-        keep = self.spike_times < stop
-        behavior = {name: BehaviorChannel(c.timestamps[c.timestamps < stop],
-                                          c.values[c.timestamps < stop], c.unit)
+        return self.between(self.start_time, self.start_time + seconds)
+
+    def after(self, seconds: float) -> "Session":
+        """The recording from start_time + `seconds` on (e.g. what follows a calibration)."""
+        return self.between(self.start_time + seconds, np.inf)
+
+    def between(self, begin: float, stop: float) -> "Session":
+        """The part of the recording in [begin, stop) (session times, seconds)."""
+        def inside(times: np.ndarray) -> np.ndarray:
+            return (times >= begin) & (times < stop)
+
+        keep = inside(self.spike_times)
+        behavior = {name: BehaviorChannel(c.timestamps[inside(c.timestamps)],
+                                          c.values[inside(c.timestamps)], c.unit)
                     for name, c in self.behavior.items()}
         frames = None
         if self.frames is not None:
-            shown = self.frames.timestamps < stop
+            shown = inside(self.frames.timestamps)
             frames = Frames(self.frames.timestamps[shown], self.frames.images[shown])
-        intervals = {name: np.clip(spans[spans[:, 0] < stop], None, stop)
+        intervals = {name: np.clip(spans[(spans[:, 0] < stop) & (spans[:, 1] > begin)],
+                                   begin, stop)
                      for name, spans in self.intervals.items()}
         truth = self.ground_truth
         if truth is not None:
-            bins = int(np.ceil((stop - truth.t0) / truth.rate_dt - 1e-9))
-            truth = GroundTruth(truth.rate_dt, truth.rates[:max(bins, 0)], truth.coupling,
-                                truth.hubs, truth.tuning, truth.t0)
-        metadata = {**self.metadata, "start_time": self.start_time,
+            first = max(int(np.floor((begin - truth.t0) / truth.rate_dt + 1e-9)), 0)
+            last = max(int(np.ceil((min(stop, self.end_time) - truth.t0) / truth.rate_dt
+                                   - 1e-9)), first)
+            truth = GroundTruth(truth.rate_dt, truth.rates[first:last], truth.coupling,
+                                truth.hubs, truth.tuning, truth.t0 + first * truth.rate_dt)
+        metadata = {**self.metadata, "start_time": max(self.start_time, begin),
                     "end_time": min(self.end_time, stop)}
         return Session(self.unit_ids, self.spike_times[keep], self.spike_unit_index[keep],
                        behavior, frames, intervals, metadata, truth).validate()

@@ -1,14 +1,16 @@
 """`rtnf demo`: the whole product on the built-in simulated rig, end to end, in a few minutes.
 
 1. the pretrained checkpoint: the cached default one (pretrained on first use) or `pretrained`;
-2. a new animal the pretraining never saw (`DEMO_SEED`): day 1 is the calibration session,
-   day 2 is streamed live;
-3. `rtnf calibrate` on day 1's first minutes (`rtnf demo` uses the quick recipe), then
+2. a day of a new animal the pretraining never saw (`DEMO_SEED`): its first
+   `CALIBRATION_MINUTES` are the calibration session, the rest is streamed live, as on a rig
+   where the morning's calibration precedes the experiment;
+3. `rtnf calibrate` on the calibration part (`rtnf demo` uses the quick recipe), then
    `rtnf compile`;
-4. three processes, as on a rig: the simulated rig streams day 2 over LSL (`rtnf simulate
-   --stream lsl`), `rtnf run` decodes it in closed loop with a control rule (running fast ->
-   `running` / `resting` commands), and this process receives rtnf's outputs with plain pylsl
-   inlets, beside the rig's own behaviour stream (the ground truth);
+4. three processes, as on a rig: the simulated rig streams the rest of the day over LSL
+   (`rtnf simulate --stream lsl --from-minute`), `rtnf run` decodes it in closed loop with a
+   control rule (running faster than the calibration's mean speed -> `running`, then
+   `resting`), and this process receives rtnf's outputs with plain pylsl inlets, beside the
+   rig's own behaviour stream (the ground truth);
 5. the report: decoding r of each target against the ground truth (the last true sample before
    each window end, as calibration scores it; the first `WARMUP_S` are left out while the
    history and smoothing fill), the end-to-end latency the receiver measured, windows, missed
@@ -77,14 +79,15 @@ def run_demo(config: Config, seconds: float, workdir: Path, pretrained: Path | N
     started = time.monotonic()
     pylsl = import_pylsl(config.rig.lsl.config, config.rig.lsl.session_id)
     workdir.mkdir(parents=True, exist_ok=True)
-    minutes = max(CALIBRATION_MINUTES, seconds / 60 + 1.0)
-    simulation = dataclasses.replace(config.simulation, seed=DEMO_SEED, sessions=2,
+    minutes = CALIBRATION_MINUTES + seconds / 60 + 1.0
+    simulation = dataclasses.replace(config.simulation, seed=DEMO_SEED, sessions=1,
                                      minutes=minutes)
     log(f"simulating a new animal (seed {DEMO_SEED}): {simulation.neurons} units, "
-        f"{config.rig.profile}; day 1 calibrates, day 2 streams live")
-    day1, _ = simulate(simulation, config.rig.profile)
+        f"{config.rig.profile}; its first {CALIBRATION_MINUTES:g} minutes calibrate, the rest "
+        f"streams live")
+    (day,) = simulate(simulation, config.rig.profile)
     bundle = workdir / "bundle"
-    metrics = calibrate(day1.first(CALIBRATION_MINUTES * 60), config, bundle,
+    metrics = calibrate(day.first(CALIBRATION_MINUTES * 60), config, bundle,
                         pretrained=pretrained, source={"kind": "simulated", "seed": DEMO_SEED},
                         log=log)
     log(f"calibrated in {metrics['seconds']:.0f} s: {metrics['verdict']['reason']}; the loop "
@@ -92,16 +95,17 @@ def run_demo(config: Config, seconds: float, workdir: Path, pretrained: Path | N
     engine = compile_bundle(bundle, config.engine)
     log(f"compiled for {engine['backend']}")
 
-    speed = day1.behavior["speed"].values
+    speed = day.first(CALIBRATION_MINUTES * 60).behavior["speed"].values
     settings = {"rig": {"sources": {"frames": {"kind": "lsl"}}},
                 "outputs": {"zmq": {"address": f"tcp://127.0.0.1:{_free_port()}"}},
-                "control": {"rules": [demo_rule(float(np.percentile(speed, 75)))]},
+                "control": {"rules": [demo_rule(float(np.mean(speed)))]},
                 "recording": {"directory": str(workdir / "runs")}}
     run_config = workdir / "demo-run.yaml"
     run_config.write_text(yaml.safe_dump(settings, sort_keys=False))
 
-    simulated_rig = ["--seed", str(DEMO_SEED), "--sessions", "2", "--minutes", f"{minutes:g}",
-                     "--neurons", str(simulation.neurons), "--profile", config.rig.profile]
+    simulated_rig = ["--seed", str(DEMO_SEED), "--sessions", "1", "--minutes", f"{minutes:g}",
+                     "--neurons", str(simulation.neurons), "--profile", config.rig.profile,
+                     "--from-minute", f"{CALIBRATION_MINUTES:g}"]
     received, (truth_times, truth), summary = run_against_simulated_rig(
         bundle, run_config, simulated_rig, seconds, workdir, pylsl, config.outputs.lsl.prefix)
     hop_ms = summary["started"]["hop_s"] * 1e3
