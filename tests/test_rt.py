@@ -3,19 +3,26 @@ itself against a real LSL stream."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import psutil
 import pytest
 import torch
+from rich.console import Console
 
 from random_bundle import FRAMES, WINDOWS, write_bundle
 from rtnf.bundle import load_bundle
-from rtnf.config import EngineConfig, SimulationConfig
+from rtnf.config import EngineConfig, RealtimeConfig, SimulationConfig
 from rtnf.data.sim import simulate
 from rtnf.engine.select import open_engine
 from rtnf.model.generation import Sampling
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
 from rtnf.rt.decoder import WindowDecoder
-from rtnf.rt.telemetry import Histogram
+from rtnf.errors import RtnfError
+from rtnf.rt.priority import apply_process_settings
+from rtnf.rt.telemetry import Histogram, LiveView, Telemetry
+from rtnf.stream.window_output import STAGES
 from rtnf.tokens import TokenSpec, window_ends
 from rtnf.train.calibrate import predict
 from rtnf.train.dataset import Normalization, SessionWindows
@@ -146,3 +153,27 @@ def test_a_model_reading_frames_needs_a_frame_source(bundle, session):
     with pytest.raises(Exception, match="rig.sources.frames.kind"):
         decoder.refresh_inputs(1.0, None, None)
 
+
+
+def test_process_settings_pin_the_loop_and_refuse_unknown_cores():
+    process = psutil.Process()
+    before = process.cpu_affinity()
+    try:
+        applied = apply_process_settings(RealtimeConfig(cpu_affinity=[before[0]]))
+        assert process.cpu_affinity() == [before[0]]
+        assert applied == {"cpu_affinity": [before[0]], "priority": "normal"}
+    finally:
+        process.cpu_affinity(before)
+    with pytest.raises(RtnfError, match=r"realtime.cpu_affinity = \[999\]: no core 999"):
+        apply_process_settings(RealtimeConfig(cpu_affinity=[999]))
+
+
+def test_live_view_shows_decoded_values_latency_and_counters():
+    telemetry = Telemetry(0.05, ("speed", "gaze_phi"))
+    telemetry.window({stage: 0.5 for stage in STAGES}, 1.5, np.array([12.5, -3.25]))
+    telemetry.reject("unknown unit", 3)
+    console = Console(file=io.StringIO(), width=160)
+    console.print(LiveView(telemetry, "rtnf run: test")._table())
+    shown = console.file.getvalue()
+    for text in ("speed", "12.50", "-3.25", "p50 1.", "windows 1", "unknown unit: 3"):
+        assert text in shown, shown

@@ -123,6 +123,7 @@ def format_table(report: dict[str, Any]) -> str:
 def plot_histograms(report: dict[str, Any], path: Path) -> Path:
     """A latency histogram per configuration (log-spaced bins)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,6 +134,9 @@ def plot_histograms(report: dict[str, Any], path: Path) -> Path:
     for name, result in report["configurations"].items():
         axis.hist(result["latencies_ms"], bins=bins, histtype="step", label=name)
     axis.set_xscale("log")
+    ticks = [t for t in (0.5, 1, 2, 3, 5, 10, 20, 50, 100) if bins[0] <= t <= bins[-1]]
+    axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("latency, ms (window end -> output received)")
     axis.set_ylabel("windows")
     axis.set_title(f"rtnf end-to-end latency, {report['preset']}")

@@ -124,7 +124,10 @@ class WindowDecoder:
                                 f"{self.dims.behavior_inputs}, and none has arrived yet")
             values = latest[self.input_columns].astype(np.float64)
             key += tuple(values.tolist())
-            inputs = torch.tensor([[self.normalization.standardize(name, value) for name, value
+            # A channel the latest sample lacks (NaN) reads as its training mean (0 once
+            # standardised), never as NaN.
+            inputs = torch.tensor([[self.normalization.standardize(name, value)
+                                    if np.isfinite(value) else 0.0 for name, value
                                     in zip(self.dims.behavior_inputs, values)]],
                                   dtype=torch.float32)
         if key != self.inputs_key:

@@ -51,8 +51,12 @@ import numpy as np
 
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
 from rtnf.rt.decoder import WindowDecoder
+from rtnf.rt.recorder import Recorder
+from rtnf.rt.rules import Rules
 from rtnf.rt.telemetry import Telemetry
+from rtnf.stream.sinks import Sink
 from rtnf.stream.sources import Batch, Source
+from rtnf.tokens import WindowTokens
 from rtnf.stream.window_output import STAGES, Command, OutputLayout, TelemetrySample, WindowOutput
 
 log = logging.getLogger("rtnf.rt")
@@ -69,6 +73,14 @@ SETTLE_S = 1.0  # longest wait for every source's first delivery before the firs
 
 
 @dataclass
+class EarlyDecode:
+    key: tuple  # what the window's result depends on, when it was decoded (`_window_key`)
+    tokens: WindowTokens
+    behavior: np.ndarray
+    predicted: np.ndarray
+
+
+@dataclass
 class LoopSettings:
     grace_s: float = 0.001
     spike_capacity: int = 200_000  # spikes held (fixed memory)
@@ -77,9 +89,9 @@ class LoopSettings:
 
 
 class RealtimeLoop:
-    def __init__(self, decoder: WindowDecoder, sources: list[Source], sinks: list,
-                 layout: OutputLayout, clock: Callable[[], float], rules=None, recorder=None,
-                 settings: LoopSettings = LoopSettings()):
+    def __init__(self, decoder: WindowDecoder, sources: list[Source], sinks: list[Sink],
+                 layout: OutputLayout, clock: Callable[[], float], rules: Rules | None = None,
+                 recorder: Recorder | None = None, settings: LoopSettings = LoopSettings()):
         self.decoder, self.sources, self.sinks, self.layout = decoder, sources, sinks, layout
         self.clock, self.rules, self.recorder, self.settings = clock, rules, recorder, settings
         self.hop = decoder.windows.hop
@@ -101,7 +113,7 @@ class RealtimeLoop:
         self.next_end: float | None = None
         self.ingest_s = 0.0
         self.changed = False  # spikes of the next window arrived since its last early decode
-        self.early: tuple[tuple, object, tuple] | None = None  # (key, tokens, inference)
+        self.early: EarlyDecode | None = None
         self.early_count = 0
         self.early_hits: deque[bool] = deque(maxlen=EARLY_WINDOWS)  # did it decide the window?
 
@@ -117,6 +129,8 @@ class RealtimeLoop:
         elif batch.kind == "behavior":
             self.behavior.append(batch.timestamps - self.origin, batch.records)
             self._record(batch)
+            if self.decoder.input_columns:
+                self._inputs_arrived()
         elif batch.kind == "frames":
             self._ingest_frames(batch)
         self.ingest_s += self.clock() - started
@@ -165,6 +179,10 @@ class RealtimeLoop:
             return
         self.frames.append(batch.timestamps - self.origin, batch.records)
         self._record(batch)
+        self._inputs_arrived()
+
+    def _inputs_arrived(self) -> None:
+        """A frame or behaviour sample arrived: encode the waited-for window's inputs now."""
         if self.next_end is not None:
             self.decoder.refresh_inputs(self.next_end, self.frames, self.behavior)
             self.changed = True
@@ -228,7 +246,7 @@ class RealtimeLoop:
         end = self.next_end
         key = self._window_key(end)
         tokens = self.decoder.tokenize(end, self.spikes)
-        self.early = (key, tokens, self.decoder.infer(end, tokens, self.spikes))
+        self.early = EarlyDecode(key, tokens, *self.decoder.infer(end, tokens, self.spikes))
         self.early_count += 1
         self.changed = False
 
@@ -247,11 +265,12 @@ class RealtimeLoop:
         stage_ms = {"ingest": self.ingest_s * 1e3, "close": (closed - self.origin - end) * 1e3}
         self.ingest_s = 0.0
         started = self.clock()
-        decided_early = self.early is not None and self.early[0] == self._window_key(end)
+        decided_early = self.early is not None and self.early.key == self._window_key(end)
         if self.early is not None:
             self.early_hits.append(decided_early)
         if decided_early:
-            _, tokens, (behavior, predicted) = self.early
+            tokens, behavior, predicted = self.early.tokens, self.early.behavior, \
+                self.early.predicted
             self.telemetry.counters["decided_early"] += 1
             tokenized = self.clock()
         else:
