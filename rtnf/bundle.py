@@ -35,6 +35,7 @@ import torch
 
 from rtnf import __version__
 from rtnf.config import Config, load_config
+from rtnf.durable import fsync_directory
 from rtnf.errors import BundleError
 from rtnf.model.checkpoint import Checkpoint, atomic_write, load_checkpoint
 
@@ -245,7 +246,7 @@ def _restore_backup(final_dir: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.rename(backup, final_dir)
-        _fsync_directory(final_dir.parent)
+        fsync_directory(final_dir.parent)
 
 
 def _swap_into_place(staging: Path, final_dir: Path) -> None:
@@ -259,7 +260,7 @@ def _swap_into_place(staging: Path, final_dir: Path) -> None:
         except BaseException:
             os.rename(backup, final_dir)
             raise
-    _fsync_directory(final_dir.parent)
+    fsync_directory(final_dir.parent)
     # The new bundle is in place: whatever of the backup cannot be removed now, the next
     # _restore_backup removes.
     shutil.rmtree(backup, ignore_errors=True)
@@ -270,18 +271,7 @@ def _fsync_tree(directory: Path) -> None:
         for name in names:
             with open(Path(root) / name, "rb+") as file:  # Windows flushes only writable handles
                 os.fsync(file.fileno())
-        _fsync_directory(Path(root))
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist a directory's entries (names, renames); Windows cannot open directories."""
-    if os.name == "nt":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync_directory(Path(root))
 
 
 def file_source(path: str | Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from rtnf.config import EngineConfig, load_config
 from rtnf.data.sim import simulate
 from rtnf.engine.compile import compile_bundle
 from rtnf.engine.select import open_engine
-from rtnf.rt.closed_loop import run_against_simulated_rig
+from rtnf.rt.closed_loop import free_tcp_port, run_against_simulated_rig
 from rtnf.rt.decoder import WindowDecoder
 from rtnf.rt.export import export_nwb
 from rtnf.rt.loop import LoopSettings, RealtimeLoop
@@ -67,14 +67,8 @@ def frameless_bundle(rig_session, tmp_path_factory):
                                     behavior_inputs=(), frames=False))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_config(tmp_path, **sections) -> str:
-    settings = {"outputs": {"zmq": {"address": f"tcp://127.0.0.1:{free_port()}"}},
+    settings = {"outputs": {"zmq": {"address": f"tcp://127.0.0.1:{free_tcp_port()}"}},
                 "recording": {"directory": str(tmp_path / "runs"), "flush_interval": 0.2},
                 **sections}
     path = tmp_path / "run.yaml"
@@ -162,7 +156,7 @@ def loop_on_zmq(bundle, address, sinks=(), rules=None, seconds=3.0, silence_s=2.
 
 
 def test_hostile_input_is_counted_while_outputs_continue(frameless_bundle):
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
     loop, source, pylsl = loop_on_zmq(frameless_bundle, address)
     publisher = Publisher(address, frameless_bundle.unit_ids, pylsl.local_clock)
     publisher.thread.start()
@@ -185,7 +179,7 @@ def test_hostile_input_is_counted_while_outputs_continue(frameless_bundle):
 
 
 def test_a_vanished_publisher_is_waited_for_and_reattached(frameless_bundle):
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
     loop, source, pylsl = loop_on_zmq(frameless_bundle, address, seconds=4.0, silence_s=0.3)
     publisher = Publisher(address, frameless_bundle.unit_ids, pylsl.local_clock)
     publisher.thread.start()
@@ -219,7 +213,7 @@ def test_a_rule_reaches_the_bpod_app_port_and_pybpod(frameless_bundle):
     rule = {"name": "always", "when": [{"value": "decoded.speed", "above": -1e9}],
             "command": "go", "sinks": ["bpod_serial", "bpod_udp"], "soft_code": 5}
     sinks = [BpodSerialSink(os.ttyname(slave)), BpodUdpSink("127.0.0.1", udp.getsockname()[1])]
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
     loop, source, pylsl = loop_on_zmq(frameless_bundle, address, sinks, [rule], seconds=2.0)
     publisher = Publisher(address, frameless_bundle.unit_ids, pylsl.local_clock)
     publisher.thread.start()

@@ -19,6 +19,7 @@ import zmq
 from rtnf.config import BpodOutputConfig, LslOutputConfig, OutputsConfig, ZmqOutputConfig
 from rtnf.errors import RtnfError
 from rtnf.stream.lslconfig import import_pylsl
+from rtnf.rt.closed_loop import free_tcp_port
 from rtnf.stream.sinks import (
     TELEMETRY_COUNTERS,
     BpodSerialSink,
@@ -469,12 +470,6 @@ def test_udp_sink_rejects_a_bad_port():
 # ---------------------------------------------------------------------------------------------
 # open_sinks
 # ---------------------------------------------------------------------------------------------
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_open_sinks_opens_what_is_enabled(pty, pybpod_port, pylsl):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from rtnf.bench.untrained_bundle import write_untrained_bundle
 from rtnf.config import Config, load_config
 from rtnf.data.sim import simulate
 from rtnf.engine.compile import compile_bundle
-from rtnf.rt.closed_loop import run_against_simulated_rig
+from rtnf.rt.closed_loop import free_tcp_port, run_against_simulated_rig
 from rtnf.stream.lslconfig import import_pylsl
 
 CONFIGURATIONS = {
@@ -38,12 +37,6 @@ CONFIGURATIONS = {
 }
 TARGETS = {"2p-386": {"p50": 2.0, "p99": 5.0, "missed": 0}, "2p-2000": {"p99": 10.0}}
 SEED = 11
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def measure(config: Config, name: str, seconds: float, workdir: Path) -> dict[str, Any]:
@@ -64,7 +57,7 @@ def measure(config: Config, name: str, seconds: float, workdir: Path) -> dict[st
         "rig": {"profile": setup["profile"], "sources": {"frames": {"kind": "lsl"}}},
         "engine": dataclasses.asdict(config.engine),
         "realtime": dataclasses.asdict(config.realtime),
-        "outputs": {"zmq": {"address": f"tcp://127.0.0.1:{_free_port()}"}},
+        "outputs": {"zmq": {"address": f"tcp://127.0.0.1:{free_tcp_port()}"}},
         "recording": {"directory": str(workdir / "runs")}}))
     pylsl = import_pylsl(config.rig.lsl.config, config.rig.lsl.session_id)
     rig = ["--seed", str(SEED), "--neurons", str(setup["neurons"]), "--profile",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ from rtnf.stream.receiver import OutputReceiver, ReceivedOutputs, TruthReceiver
 
 START_TIMEOUT_S = 180.0  # the sender's simulation, the engine's load, the first outputs
 LOG_TAIL = 2000
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a run's ZeroMQ output)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _spawn(arguments: list[str], log_path: Path) -> subprocess.Popen:

@@ -23,7 +23,6 @@ the child processes inherit this process's LSL configuration, so they see each o
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,19 +33,13 @@ import yaml
 from rtnf.config import Config
 from rtnf.data.sim import simulate
 from rtnf.engine.compile import compile_bundle
-from rtnf.rt.closed_loop import run_against_simulated_rig
+from rtnf.rt.closed_loop import free_tcp_port, run_against_simulated_rig
 from rtnf.stream.lslconfig import import_pylsl
 from rtnf.train.calibrate import calibrate
 
 DEMO_SEED = 2026  # an animal the default checkpoint's pretraining (seed 0) never saw
 CALIBRATION_MINUTES = 4.0
 WARMUP_S = 3.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def demo_rule(speed_threshold: float) -> dict[str, Any]:
@@ -97,7 +90,7 @@ def run_demo(config: Config, seconds: float, workdir: Path, pretrained: Path | N
 
     speed = day.first(CALIBRATION_MINUTES * 60).behavior["speed"].values
     settings = {"rig": {"sources": {"frames": {"kind": "lsl"}}},
-                "outputs": {"zmq": {"address": f"tcp://127.0.0.1:{_free_port()}"}},
+                "outputs": {"zmq": {"address": f"tcp://127.0.0.1:{free_tcp_port()}"}},
                 "control": {"rules": [demo_rule(float(np.mean(speed)))]},
                 "recording": {"directory": str(workdir / "runs")}}
     run_config = workdir / "demo-run.yaml"

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from rtnf.data.session import BEHAVIOR_UNITS, BehaviorChannel, Frames, Session, sort_spikes
+from rtnf.durable import fsync_directory
 from rtnf.errors import RtnfError
 from rtnf.stream.sources import Batch
 from rtnf.stream.window_output import SINKS, STAGES, OutputLayout, TelemetrySample, WindowOutput
@@ -171,17 +172,6 @@ def _json_value(value: object) -> object:
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     return str(value)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Persist a directory's entries (new files, renames); Windows cannot open directories."""
-    if os.name == "nt":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _now_iso() -> str:
