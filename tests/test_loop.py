@@ -33,6 +33,7 @@ from rtnf.rt.recorder import read_run
 from rtnf.rt.rules import Rules
 from rtnf.rt.run import output_layout
 from rtnf.stream.lslconfig import import_pylsl
+from rtnf.stream.replay import ReplaySource
 from rtnf.stream.sinks import BpodSerialSink, BpodUdpSink
 from rtnf.stream.sources import ZmqSource
 from rtnf.stream.zmq_messages import encode_spikes
@@ -281,3 +282,22 @@ def test_demo_reports_decoding_and_latency(tmp_path):
     scores = [r for r in report["decoding"].values() if r == r]
     assert scores and all(-1.0 <= r <= 1.0 for r in scores), report["decoding"]
     assert report["decoder"] in ("neuroformer", "ridge")
+
+
+def test_a_file_replayed_four_times_faster_keeps_session_time_windows(frameless_bundle,
+                                                                      rig_session):
+    """At 4x, the loop's windows are still 50 ms of the session: four times as many per second
+    of the clock, each stamped on the clock at a quarter of the hop."""
+    pylsl = import_pylsl()
+    decoder = WindowDecoder(frameless_bundle, open_engine(frameless_bundle, EngineConfig(
+        backend="torch", threads=1), "torch"))
+    layout = output_layout(decoder, frameless_bundle.unit_ids)
+    replay = ReplaySource(rig_session, ["spikes", "behavior"], speed=4.0)
+    seconds = 2.0
+    loop = RealtimeLoop(decoder, [replay], [], layout, pylsl.local_clock,
+                        settings=LoopSettings(seconds=seconds, speed=4.0))
+    summary = loop.run()
+    replay.close()
+    # Windows from the first one after the settling, for what is left of the 2 s, at 4 x 20/s.
+    assert summary["windows"] >= 0.8 * 4.0 * (seconds - 1.0) / 0.05
+    assert summary["skipped"] == 0 and summary["counters"].get("late_spikes", 0) == 0

@@ -13,8 +13,9 @@ and the input is read exactly when a window needs it.
 
 Time: every source stamps its records on this machine's LSL clock (`clock`, pylsl.local_clock;
 LSL inlets apply time correction, the other sources map their clocks onto it). The loop works on
-that clock minus `origin` (the run's start, so bins stay small), and window k ends at
-t_k = k * hop. Window k closes as soon as a spike stamped at or after t_k has arrived (the spike
+that clock minus `origin` (the run's start, so bins stay small), times `speed` when a file is
+replayed faster than real time (so windows stay windows of the session's time), and window k ends
+at t_k = k * hop. Window k closes as soon as a spike stamped at or after t_k has arrived (the spike
 stream is in time order, so nothing before t_k is still to come), or when the clock passes
 t_k + grace, whichever is first. A spike stamped before t_k that arrives after the close is late
 (counted, recorded, not decoded). Which spikes belong to a window is decided by their stamps only.
@@ -86,6 +87,7 @@ class LoopSettings:
     spike_capacity: int = 200_000  # spikes held (fixed memory)
     silence_s: float = 2.0  # a source quiet this long is reported as gone
     seconds: float | None = None  # stop after this long (None: until stopped)
+    speed: float = 1.0  # session seconds per clock second (a file replayed faster, e.g. 4)
 
 
 class RealtimeLoop:
@@ -127,13 +129,21 @@ class RealtimeLoop:
         if batch.kind == "spikes":
             self._ingest_spikes(batch, started)
         elif batch.kind == "behavior":
-            self.behavior.append(batch.timestamps - self.origin, batch.records)
+            self.behavior.append(self._loop_time(batch.timestamps), batch.records)
             self._record(batch)
             if self.decoder.input_columns:
                 self._inputs_arrived()
         elif batch.kind == "frames":
             self._ingest_frames(batch)
         self.ingest_s += self.clock() - started
+
+    def _loop_time(self, stamps):
+        """Stream-clock stamps -> the loop's time axis (session time for a sped-up replay)."""
+        return (stamps - self.origin) * self.settings.speed
+
+    def _stamp(self, loop_time: float) -> float:
+        """The loop's time -> the stream clock (what outputs are stamped with)."""
+        return self.origin + loop_time / self.settings.speed
 
     def _record(self, batch: Batch) -> None:
         if self.recorder is not None:
@@ -147,13 +157,13 @@ class RealtimeLoop:
 
     def _ingest_spikes(self, batch: Batch, now: float) -> None:
         """Map units, refuse what cannot be decoded (counted by reason), buffer the rest."""
-        times = batch.timestamps - self.origin
+        times = self._loop_time(batch.timestamps)
         position = np.minimum(np.searchsorted(self.sorted_ids, batch.records),
                               self.sorted_ids.size - 1)
         known = self.sorted_ids[position] == batch.records
         units = self.sorted_index[position]
         self._reject("unknown unit", int((~known).sum()))
-        future = known & (times > now - self.origin + FUTURE_S)
+        future = known & (times > self._loop_time(now) + FUTURE_S)
         self._reject("spike stamped in the future", int(future.sum()))
         candidate = known & ~future
         before = np.maximum.accumulate(np.r_[self.spikes.newest,
@@ -177,7 +187,7 @@ class RealtimeLoop:
             self._reject(f"frame size {batch.records.shape[1:]} is not {shape}",
                          len(batch.timestamps))
             return
-        self.frames.append(batch.timestamps - self.origin, batch.records)
+        self.frames.append(self._loop_time(batch.timestamps), batch.records)
         self._record(batch)
         self._inputs_arrived()
 
@@ -262,7 +272,8 @@ class RealtimeLoop:
     def _process(self, k: int, closed: float) -> None:
         """Decode window k and send its outputs; `closed`: when the loop saw it close."""
         end = k * self.hop
-        stage_ms = {"ingest": self.ingest_s * 1e3, "close": (closed - self.origin - end) * 1e3}
+        window_end = self._stamp(end)
+        stage_ms = {"ingest": self.ingest_s * 1e3, "close": (closed - window_end) * 1e3}
         self.ingest_s = 0.0
         started = self.clock()
         decided_early = self.early is not None and self.early.key == self._window_key(end)
@@ -280,7 +291,6 @@ class RealtimeLoop:
         decoded = self.decoder.outputs(behavior)
         inferred = self.clock()
         self.telemetry.counters["truncated_spikes"] += int(tokens.truncated)
-        window_end = self.origin + end
         commands: tuple[Command, ...] = ()
         if self.rules is not None:
             commands = self.rules.evaluate(k, window_end, decoded, predicted)
@@ -317,14 +327,14 @@ class RealtimeLoop:
         self.origin = math.floor(self.clock())
         started = self.clock()
         self._settle(started + SETTLE_S)
-        self._prepare(math.floor((self.clock() - self.origin) / self.hop) + 1)
+        self._prepare(math.floor(self._loop_time(self.clock()) / self.hop) + 1)
         while not self.stop.is_set():
             now = self.clock()
             if settings.seconds is not None and now - started >= settings.seconds:
                 break
             if all(getattr(source, "finished", False) for source in self.sources):
                 break
-            due = self.origin + self.next_end
+            due = self._stamp(self.next_end)
             closing = due + settings.grace_s
             if now < closing and not (now >= due and self.spikes.newest >= self.next_end):
                 self.stop.wait(min(closing - now, POLL_S))
@@ -334,7 +344,7 @@ class RealtimeLoop:
                 continue
             closed = self.clock()
             self._poll()
-            newest = math.floor((self.clock() - self.origin - settings.grace_s) / self.hop)
+            newest = math.floor(self._loop_time(self.clock() - settings.grace_s) / self.hop)
             if newest > self.next_k:  # fell behind: skip to the newest closed window
                 self.telemetry.counters["skipped"] += newest - self.next_k
                 self._prepare(newest)

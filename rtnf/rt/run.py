@@ -67,12 +67,24 @@ def _rig_for(config: Config, decoder: WindowDecoder) -> RigConfig:
                         "is none: set it to the rig's frame stream")
     rig = dataclasses.replace(config.rig, sources=dataclasses.replace(config.rig.sources,
                                                                       frames=frames))
-    for kind in ("spikes", "behavior", "frames"):
-        source = getattr(rig.sources, kind)
-        if source.kind in ("replay", "sim") and source.speed != 1.0:
-            raise RtnfError(f"rig.sources.{kind}.speed = {source.speed:g}: the loop decides on "
-                            f"this machine's clock, so it replays in real time; use 1")
     return rig
+
+
+def _replay_speed(rig: RigConfig, transport: str | None) -> float:
+    """How much faster than real time the sources play (replayed files and the simulator; the
+    kinds `transport` gives them): the loop scales its clock by it. Live sources and sped-up
+    replays cannot be mixed."""
+    used = {kind: getattr(rig.sources, kind) for kind in ("spikes", "behavior", "frames")
+            if getattr(rig.sources, kind).kind != "none"}
+    kinds = {kind: transport or source.kind for kind, source in used.items()}
+    speeds = {source.speed if kinds[kind] in ("replay", "sim") else 1.0
+              for kind, source in used.items()}
+    if len(speeds) > 1:
+        listed = ", ".join(f"rig.sources.{kind} ({kinds[kind]}, speed {source.speed:g})"
+                           for kind, source in used.items())
+        raise RtnfError(f"sources play at different speeds: {listed}; a sped-up replay needs "
+                        f"every source replayed at the same speed")
+    return speeds.pop()
 
 
 def _run_directory(config: Config, options: RunOptions) -> Path:
@@ -130,8 +142,8 @@ def run_closed_loop(config: Config, options: RunOptions,
         layout = output_layout(decoder, bundle.unit_ids)
         rules = Rules.from_config(config.control.rules, layout)
         _check_sinks_of_rules(config)
-        sources = open_sources(_rig_for(config, decoder), options.transport,
-                               simulation=config.simulation,
+        rig = _rig_for(config, decoder)
+        sources = open_sources(rig, options.transport, simulation=config.simulation,
                                max_message_bytes=config.realtime.max_message_bytes)
         for source in sources:
             stack.callback(source.close)
@@ -149,7 +161,8 @@ def run_closed_loop(config: Config, options: RunOptions,
                  "decoder": decoder.decoder_name, "backend": engine.backend.describe()}))
         process = apply_process_settings(config.realtime)
         loop = RealtimeLoop(decoder, sources, sinks, layout, pylsl.local_clock, rules, recorder,
-                            LoopSettings(grace_s=config.realtime.grace, seconds=options.seconds))
+                            LoopSettings(grace_s=config.realtime.grace, seconds=options.seconds,
+                                         speed=_replay_speed(rig, options.transport)))
         started = {"bundle": str(options.bundle), "hop_s": decoder.windows.hop,
                    "decoder": decoder.decoder_name,
                    "backend": engine.backend.describe(), "sources": [s.name for s in sources],
