@@ -71,6 +71,7 @@ EARLY_WINDOWS = 20  # windows over which early decoding's success is judged
 EARLY_MIN_HIT_RATE = 0.25  # below it, early decoding is only tried once every EARLY_WINDOWS
 FUTURE_S = 1.0  # a spike stamped further ahead of this machine's clock is refused
 SETTLE_S = 1.0  # longest wait for every source's first delivery before the first window
+JUDGED_AFTER = 20  # windows after which the loop says whether inference fits the hop
 
 
 @dataclass
@@ -305,6 +306,8 @@ class RealtimeLoop:
             self.recorder.record_output(output, sent)
         stage_ms["publish"] = (self.clock() - inferred) * 1e3
         self.telemetry.window(stage_ms, latency_ms, decoded)
+        if self.telemetry.counters["windows"] == JUDGED_AFTER:
+            self._judge_speed()
         sample = TelemetrySample(k, window_end, {s: stage_ms[s] for s in STAGES}, latency_ms,
                                  self.telemetry.counter_values())
         for sink in self.sinks:
@@ -312,6 +315,18 @@ class RealtimeLoop:
         if self.recorder is not None:
             self.recorder.record_telemetry(sample)
         self.closed_until = end
+
+    def _judge_speed(self) -> None:
+        """Say once, early, if inference does not fit the hop (windows will be skipped), with
+        what to do about it."""
+        infer_ms = self.telemetry.stages["infer"].percentile(0.5)
+        hop_ms = self.hop / self.settings.speed * 1e3
+        if infer_ms > 0.8 * hop_ms:
+            advice = ("predict with the rate head (--prediction rates)"
+                      if self.decoder.prediction == "generate" else
+                      "use a faster backend or preset, or a longer hop")
+            log.warning("inference takes %.1f ms per window, near or over the %.1f ms hop: "
+                        "windows will be skipped; %s", infer_ms, hop_ms, advice)
 
     def _settle(self, until: float) -> None:
         """Take what the sources held before the run began (an inlet's first chunk can hold
