@@ -84,11 +84,11 @@ class SourcesConfig:
 @dataclass
 class LslConfig:
     """How liblsl discovers streams. `loopback`: this machine only (rtnf writes a loopback-only
-    liblsl config with a fresh session id); `system`: liblsl's own configuration (LSLAPICFG,
+    liblsl config with `session_id`); `system`: liblsl's own configuration (LSLAPICFG,
     lsl_api.cfg); anything else: the path of a liblsl config file to use."""
 
     config: str = "loopback"
-    session_id: str = ""
+    session_id: str = "rtnf"
 
 
 @dataclass

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -43,3 +44,28 @@ def test_system_leaves_environment_alone():
     before = os.environ["LSLAPICFG"]
     assert configure_lsl("system") == before
     assert os.environ["LSLAPICFG"] == before
+
+
+def test_two_rtnf_processes_see_each_other_by_default(tmp_path):
+    """Two commands started apart (as in two terminals, without LSLAPICFG) share the default
+    session id, so a stream one of them opens is found by the other, still on loopback."""
+    env = {k: v for k, v in os.environ.items() if k != "LSLAPICFG"}
+    env["TMPDIR"] = str(tmp_path)
+    name = f"rtnf-test-{uuid.uuid4().hex[:8]}"
+    outlet = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from rtnf.stream.lslconfig import import_pylsl; pylsl = import_pylsl(); "
+         f"o = pylsl.StreamOutlet(pylsl.StreamInfo('{name}', 'Test', 1, 0, 'float32', '{name}')); "
+         "print('ready', flush=True); time.sleep(20)"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert outlet.stdout.readline().strip() == "ready"
+        found = subprocess.run(
+            [sys.executable, "-c",
+             "from rtnf.stream.lslconfig import import_pylsl; pylsl = import_pylsl(); "
+             f"print(len(pylsl.resolve_bypred(\"name='{name}'\", 1, 8.0)))"],
+            env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        assert found == "1"
+    finally:
+        outlet.kill()
+        outlet.wait()

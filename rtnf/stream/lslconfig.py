@@ -15,6 +15,9 @@ from types import ModuleType
 
 from rtnf.errors import RtnfError
 
+# rig.lsl.session_id's default: every rtnf process on a machine (the simulated rig, `rtnf run`,
+# a receiver) uses it, so they see each other's streams.
+DEFAULT_SESSION_ID = "rtnf"
 LOOPBACK_CONFIG = """\
 [ports]
 IPv6 = disable
@@ -32,11 +35,12 @@ level = -1
 
 def loopback_config_text(session_id: str = "") -> str:
     """A liblsl config that keeps discovery on this machine (no broadcast or multicast) and
-    logs only warnings and errors."""
+    logs only warnings and errors; an empty `session_id` gets a fresh one (seen by no other
+    process)."""
     return LOOPBACK_CONFIG.format(session_id=session_id or f"rtnf-{uuid.uuid4().hex[:12]}")
 
 
-def configure_lsl(setting: str = "loopback", session_id: str = "") -> str | None:
+def configure_lsl(setting: str = "loopback", session_id: str = DEFAULT_SESSION_ID) -> str | None:
     """Point LSLAPICFG at the configuration named by `setting`; return the file used.
 
     `loopback`: a loopback-only file (written once per process unless LSLAPICFG already names
@@ -61,7 +65,7 @@ def configure_lsl(setting: str = "loopback", session_id: str = "") -> str | None
     return str(path)
 
 
-def import_pylsl(setting: str = "loopback", session_id: str = "") -> ModuleType:
+def import_pylsl(setting: str = "loopback", session_id: str = DEFAULT_SESSION_ID) -> ModuleType:
     """Configure discovery, then import pylsl (with a clear error if liblsl is missing)."""
     configure_lsl(setting, session_id)
     try:
