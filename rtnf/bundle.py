@@ -165,8 +165,9 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise BundleError(f"bundle {directory}: no {MANIFEST} (not an rtnf bundle)") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"bundle {directory}: cannot read {MANIFEST} ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise BundleError(f"bundle {directory}: cannot read {MANIFEST} "
+                          f"({exc or type(exc).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"bundle {directory}: {MANIFEST} is not an rtnf bundle manifest "
                           f"(format {FORMAT!r})")

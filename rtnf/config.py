@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,11 @@ from typing import Any, Literal
 import yaml
 
 from rtnf.errors import ConfigError
+
+MAX_YAML_VALUES = 100_000  # values in one document, an alias counted each time it is used
+MAX_YAML_DEPTH = 64
+SHOWN = reprlib.Repr()  # values in error messages: bounded, whatever the file holds
+SHOWN.maxstring = SHOWN.maxother = 80
 
 
 def _check(predicate: typing.Callable[[Any], bool], expected: str) -> dict:
@@ -154,7 +161,7 @@ class WindowsConfig:
         """`windows.<key>` in whole `dt_resolution` bins; ConfigError if it is not whole."""
         seconds = getattr(self, key)
         bins = seconds / self.dt_resolution
-        if abs(bins - round(bins)) > 1e-6:
+        if not math.isfinite(bins) or abs(bins - round(bins)) > 1e-6:
             raise ConfigError(f"windows.{key} = {seconds}: expected a whole multiple of "
                               f"windows.dt_resolution ({self.dt_resolution} s)")
         return round(bins)
@@ -349,11 +356,13 @@ def default_config_text() -> str:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -364,6 +373,31 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, "
                           f"got {type(data).__name__}")
+    return data
+
+
+def _safe_load(text: str, source: str) -> Any:
+    """yaml.safe_load (plain data, never Python objects), refusing documents nested deeper
+    than MAX_YAML_DEPTH or expanding to more than MAX_YAML_VALUES values (a few lines of
+    anchors and aliases can stand for billions, which checking or saving would then walk)."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of over 4300 digits
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    pending, count = [(data, 1)], 0
+    while pending:
+        value, depth = pending.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: holds more than {MAX_YAML_VALUES} values once its "
+                              "YAML aliases are expanded")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}: nested too deeply (over {MAX_YAML_DEPTH} levels)")
+        children = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, list) else ())
+        pending.extend((child, depth + 1) for child in children)
     return data
 
 
@@ -383,7 +417,7 @@ def parse_override(text: str) -> dict:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. windows.hop=0.02")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw, f"--set {text[:80]!r}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     nested: Any = value
@@ -412,7 +446,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check `value` against type `tp`; return it converted (dataclass for a mapping)."""
 
     def bad(expected: str | None = None) -> ConfigError:
-        return ConfigError(f"{path} = {value!r}: expected {expected or _describe(tp)}")
+        return ConfigError(f"{path} = {SHOWN.repr(value)}: expected "
+                           f"{expected or _describe(tp)}")
 
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -452,9 +487,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise bad()
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if tp is str:
         if value is None:
             return ""
@@ -478,7 +519,7 @@ def _build(cls: type, data: dict, path: str) -> Any:
         converted = _convert(hints[key], value, where)
         check = fields[key].metadata.get("check")
         if check is not None and converted is not None and not check[0](converted):
-            raise ConfigError(f"{where} = {value!r}: expected {check[1]}")
+            raise ConfigError(f"{where} = {SHOWN.repr(value)}: expected {check[1]}")
         kwargs[key] = converted
     return cls(**kwargs)
 

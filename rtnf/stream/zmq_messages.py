@@ -266,7 +266,9 @@ def decode_frames(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> FrameMe
 # ---------------------------------------------------------------------------------------------
 
 CSV_CHARACTERS = re.compile(r"[0-9eE+\-.,nNaAiIfFtTyY \t\r\n]*")  # all a CSV payload can hold
-DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# Unambiguous (no way to split a run of digits two ways), so a failed match backtracks in
+# linear time: `\d+\.?\d*` took quadratic time on a long run of digits with a bad tail.
+DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 INTEGER = re.compile(r"[+-]?\d+")
 CSV_COLUMNS = {Kind.SPIKES: (2, 2), Kind.BEHAVIOR: (2, 1 + len(BEHAVIOR_CHANNELS))}
@@ -283,7 +285,12 @@ def _csv_unit(field: str, line: int) -> int:
     if not INTEGER.fullmatch(field):
         raise MessageError(f"CSV line {line}: unit {field[:32]!r} is not an integer",
                            "unit not an integer")
-    unit, info = int(field), np.iinfo(np.int32)
+    digits = field.lstrip("+-").lstrip("0") or "0"
+    info = np.iinfo(np.int32)
+    if len(digits) > 10:  # beyond int32 (and int() refuses over 4300 digits with a ValueError)
+        raise MessageError(f"CSV line {line}: unit {field[:32]}... does not fit in int32",
+                           "unit out of range")
+    unit = -int(digits) if field.startswith("-") else int(digits)
     if not info.min <= unit <= info.max:
         raise MessageError(f"CSV line {line}: unit {unit} does not fit in int32",
                            "unit out of range")
