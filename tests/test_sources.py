@@ -182,7 +182,8 @@ def hostile_messages(t: float) -> list[tuple[list[bytes], str]]:
         ([b"frames", f"{t + 1},1".encode()], "no CSV form for this kind"),
         ([b"spikes", huge_count], "wrong length"),
         ([b"spikes", nan_stamp], "timestamp not finite"),
-        ([b"spikes", b"1" * 5000], "message too large"),
+        # (a message over max_message_bytes never gets this far: ZeroMQ drops it unread and
+        # the source re-attaches; tests/test_security.py)
         ([b"spikes", f"{t + 1},1".encode(), b"extra"], "wrong number of parts"),
         ([b"spikesX", f"{t + 1},1".encode()], "unknown topic"),
         ([b"behavior", encode_behavior([t + 1], [[1, 2, 3, 4]])], "too many behaviour channels"),

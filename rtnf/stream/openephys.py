@@ -55,7 +55,8 @@ import numpy as np
 
 from rtnf.errors import RtnfError
 from rtnf.stream.lslconfig import import_pylsl
-from rtnf.stream.sources import MAX_MESSAGES_PER_POLL, Batch, RecordGate
+from rtnf.stream.sources import MAX_MESSAGES_PER_POLL, ZMQ_HIGH_WATER_MARK, Batch, RecordGate
+from rtnf.stream.subscriber import Subscriber
 from rtnf.stream.zmq_messages import DEFAULT_MAX_BYTES, MessageError
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
@@ -235,32 +236,27 @@ class OpenEphysSource:
     def __init__(self, address: str = DEFAULT_ADDRESS, sample_rate: float = 30000.0,
                  clock: Callable[[], float] | None = None, context=None,
                  max_message_bytes: int = DEFAULT_MAX_BYTES):
-        import zmq
-
         if not SAMPLE_RATES[0] <= sample_rate <= SAMPLE_RATES[1]:
             raise RtnfError(f"Open Ephys sample_rate = {sample_rate}: expected "
                             f"{SAMPLE_RATES[0]:g} to {SAMPLE_RATES[1]:g} Hz")
-        self.zmq, self.sample_rate, self.max_message_bytes = zmq, sample_rate, max_message_bytes
+        self.sample_rate, self.max_message_bytes = sample_rate, max_message_bytes
         self.clock = clock or import_pylsl().local_clock
         self.name = f"openephys:{address}"
         self.rejected: Counter = Counter()
         self.gate = RecordGate(self.rejected)
         self.restarts = 0  # acquisition restarts seen (sample numbers jumping back)
         self.streams: dict[str, _StreamClock] = {}
-        self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.connect(address)
+        self.subscriber = Subscriber(address, [b""], max_message_bytes, ZMQ_HIGH_WATER_MARK,
+                                     context)
+        self.socket = self.subscriber.socket
 
     def poll(self, timeout: float) -> list[Batch]:
-        if not self.socket.poll(int(timeout * 1000)):
+        if not self.subscriber.poll(timeout):
             return []
         times, units = [], []
         for _ in range(MAX_MESSAGES_PER_POLL):
-            try:
-                parts = self.socket.recv_multipart(self.zmq.NOBLOCK)
-            except self.zmq.Again:
+            parts = self.subscriber.receive()
+            if parts is None:
                 break
             arrival = self.clock()
             try:
@@ -315,4 +311,4 @@ class OpenEphysSource:
         return mapped
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.subscriber.close()

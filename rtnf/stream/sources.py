@@ -43,6 +43,7 @@ from rtnf.config import RigConfig, SimulationConfig, SourceConfig
 from rtnf.data.session import Session
 from rtnf.errors import RtnfError
 from rtnf.stream.lslconfig import import_pylsl
+from rtnf.stream.subscriber import Subscriber
 from rtnf.stream.zmq_messages import (
     BEHAVIOR_CHANNELS,
     DEFAULT_MAX_BYTES,
@@ -227,28 +228,21 @@ class ZmqSource:
 
     def __init__(self, address: str, kinds: list[str], context=None,
                  max_message_bytes: int = DEFAULT_MAX_BYTES):
-        import zmq
-
-        self.zmq, self.kinds, self.rejected = zmq, kinds, Counter()
+        self.kinds, self.rejected = kinds, Counter()
         self.gate = RecordGate(self.rejected)
         self.max_message_bytes = max_message_bytes
         self.name = f"zmq:{address}"
-        self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, ZMQ_HIGH_WATER_MARK)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        for kind in kinds:
-            self.socket.setsockopt(zmq.SUBSCRIBE, TOPICS[Kind[kind.upper()]])
-        self.socket.connect(address)
+        self.subscriber = Subscriber(address, [TOPICS[Kind[kind.upper()]] for kind in kinds],
+                                     max_message_bytes, ZMQ_HIGH_WATER_MARK, context)
+        self.socket = self.subscriber.socket
 
     def poll(self, timeout: float) -> list[Batch]:
         batches: list[Batch] = []
-        if not self.socket.poll(int(timeout * 1000)):
+        if not self.subscriber.poll(timeout):
             return batches
         for _ in range(MAX_MESSAGES_PER_POLL):
-            try:
-                parts = self.socket.recv_multipart(self.zmq.NOBLOCK)
-            except self.zmq.Again:
+            parts = self.subscriber.receive()
+            if parts is None:
                 break
             try:
                 kind, timestamps, records = _message_records(
@@ -260,7 +254,7 @@ class ZmqSource:
         return batches
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.subscriber.close()
 
 
 def _message_records(message: Message) -> tuple[str, np.ndarray, np.ndarray]:
