@@ -307,7 +307,7 @@ def _logging_to_stderr() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rtnf.rt.run import RunOptions, run_closed_loop
+    from rtnf.rt.run import RunOptions, fault_lines, run_closed_loop
     from rtnf.rt.telemetry import format_summary
 
     config = _config(args, ["recording.enabled=false"] if args.no_record else [])
@@ -327,7 +327,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Ctrl-C stops (final flush and summary)", flush=True)
 
     summary = run_closed_loop(config, options, started)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    report = [json.dumps(summary, indent=2)] if args.json else [format_summary(summary),
+                                                                *fault_lines(summary)]
+    print("\n".join(report), flush=True)
+    if summary["failures"]:
+        raise RtnfError("the run failed: " + "; ".join(summary["failures"]))
     return 0
 
 

@@ -18,11 +18,20 @@ For window k ending at t_k (seconds on the loop's time axis, rebased so the run 
 When the bundle's verdict is that a baseline decodes better (`verdict.use`), behaviour comes
 from that baseline decoder on the same spikes (its binned-history features), and the
 Neuroformer still predicts the next window.
+
+The engine failing mid-run: every call into it that raises is re-raised as `InferenceError`
+(the loop counts it and decides). `fall_back(reason)` gives the engine up for the rest of the
+run when the bundle has a decoder to fall back to (the baseline in use, else its ridge
+decoder): behaviour then comes from that decoder alone, with its own smoothing, and the
+predicted next-window counts are the bundle's training means (`mean_next_counts`, NaN when the
+bundle keeps none); the engine is never called again.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +51,12 @@ from rtnf.train.baselines import BASELINES, BaselineDecoder, binned_counts, load
 from rtnf.train.dataset import Normalization
 
 Prediction = Literal["rates", "generate"]
+FALLBACK_DECODER = "ridge"  # what behaviour falls back to when the engine fails (if present)
+ERROR_CHARS = 200  # an engine error's text is cut to its first line and this many characters
+
+
+class InferenceError(RtnfError):
+    """The engine raised during the run; the message names the original error."""
 
 
 @dataclass
@@ -74,36 +89,60 @@ class WindowDecoder:
         self.inputs_key: tuple | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.decoder_name = _chosen_decoder(bundle, decoder)
-        self.baseline: BaselineDecoder | None = None
-        if self.decoder_name != "neuroformer":
-            self.baseline = load_baselines(bundle.directory / BASELINES)[self.decoder_name]
-        self.gains = self.windows.hop / (_smoothing_taus(bundle, self.decoder_name, self.targets)
-                                         + self.windows.hop)
+        baselines = load_baselines(bundle.directory / BASELINES)
+        self.baseline: BaselineDecoder | None = baselines.get(self.decoder_name)
+        self.fallback_name = self.decoder_name if self.baseline is not None else (
+            FALLBACK_DECODER if FALLBACK_DECODER in baselines else None)
+        self.fallback = None if self.fallback_name is None else baselines[self.fallback_name]
+        self.failure: str | None = None  # why the engine was given up (None: still in use)
+        self.mean_next_counts = (np.full(self.n_units, np.nan, np.float32)
+                                 if bundle.mean_next_counts is None
+                                 else bundle.mean_next_counts.astype(np.float32))
+        self.gains = self._gains(bundle, self.decoder_name)
+        self.fallback_gains = self._gains(bundle, self.fallback_name) if self.fallback else None
         self.smoothed: np.ndarray | None = None
         self.input_columns = [BEHAVIOR_CHANNELS.index(name) for name in self.dims.behavior_inputs]
+        self.span_s = self._span_s()
 
-    @property
-    def span_s(self) -> float:
-        """How far back from a window end any input is read (spikes older can be discarded)."""
+    def _gains(self, bundle: Bundle, decoder: str) -> np.ndarray:
+        """Per target, the causal smoothing gain per hop calibration chose for `decoder`."""
+        return self.windows.hop / (_smoothing_taus(bundle, decoder, self.targets)
+                                   + self.windows.hop)
+
+    def _span_s(self) -> float:
+        """How far back from a window end any input is read, by the model or by the decoder
+        behaviour may fall back to (spikes older can be discarded)."""
         history_s = self.windows.current + self.windows.history
-        baseline_s = self.baseline.bin_s * self.baseline.n_bins if self.baseline else 0.0
+        baseline_s = max((decoder.bin_s * decoder.n_bins for decoder in (self.baseline,
+                          self.fallback) if decoder is not None), default=0.0)
         return max(history_s, baseline_s) + self.windows.dt_resolution
+
+    def fall_back(self, reason: str) -> bool:
+        """Give the engine up for the rest of the run because of `reason`, if the bundle has
+        a decoder to fall back to; False (nothing changes) if it has none."""
+        if self.fallback is None:
+            return False
+        self.baseline, self.gains, self.failure = self.fallback, self.fallback_gains, reason
+        return True
 
     def advance_history(self, end: float, spikes: SpikeBuffer) -> None:
         """Add the spikes before the current window of the window ending at `end` to the
         history cache and select that window's history."""
+        if self.failure is not None:
+            return
         until = end - self.windows.current
         times, units = spikes.between(self.history_added_until, until)
-        self.history.add(units, absolute_bins(times, end, self.spec))
-        self.history_added_until = until
         _, history_start = window_start_bins(np.array([end]), self.spec)
-        self.history_context = self.engine.history_context(
-            self.history.window(int(history_start[0])))
+        with _engine_call():
+            self.history.add(units, absolute_bins(times, end, self.spec))
+            self.history_added_until = until
+            history = self.history.window(int(history_start[0]))
+        self.history_context = self.engine.history_context(history)
 
     def refresh_inputs(self, end: float, frames: FrameBuffer | None,
                        behavior: BehaviorBuffer | None) -> None:
         """Encode the clip and behaviour inputs of the window ending at `end`, if they changed."""
-        if not self.engine.stages:
+        if not self.engine.stages or self.failure is not None:
             return
         tolerance = 0.5 * self.windows.dt_resolution / TICKS_PER_BIN  # half a tokenizer tick
         clip = inputs = None
@@ -131,7 +170,8 @@ class WindowDecoder:
                                     in zip(self.dims.behavior_inputs, values)]],
                                   dtype=torch.float32)
         if key != self.inputs_key:
-            self.input_context = self.engine.input_context(clip, inputs)
+            with _engine_call():
+                self.input_context = self.engine.input_context(clip, inputs)
             self.inputs_key = key
 
     def tokenize(self, end: float, spikes: SpikeBuffer) -> WindowTokens:
@@ -142,7 +182,26 @@ class WindowDecoder:
     @torch.inference_mode()
     def infer(self, end: float, tokens: WindowTokens, spikes: SpikeBuffer
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised behaviour (targets,) and next-window spikes per unit (N,)."""
+        """Standardised behaviour (targets,) and next-window spikes per unit (N,); once the
+        engine is given up, the fallback decoder's behaviour and the training mean counts."""
+        if self.failure is not None:
+            behavior, predicted = self._baseline_behavior(end, spikes), self.mean_next_counts
+        else:
+            with _engine_call():
+                behavior, predicted = self._engine_infer(end, tokens)
+            if self.baseline is not None:
+                behavior = self._baseline_behavior(end, spikes)
+        return behavior.astype(np.float64), predicted.astype(np.float32)
+
+    def _baseline_behavior(self, end: float, spikes: SpikeBuffer) -> np.ndarray:
+        """The baseline decoder's standardised behaviour from the spikes before `end`."""
+        times, units = spikes.between(end - self.span_s, end)
+        features = binned_counts(times, units, self.n_units, np.array([end]),
+                                 self.baseline.bin_s, self.baseline.n_bins)
+        return self.baseline.predict(features)[0]
+
+    def _engine_infer(self, end: float, tokens: WindowTokens) -> tuple[np.ndarray, np.ndarray]:
+        """The engine's standardised behaviour and next-window spikes per unit."""
         length = int(tokens.n_spikes) + 2
         units = torch.from_numpy(tokens.units[None, :length])
         dts = torch.from_numpy(tokens.dts[None, :length])
@@ -156,13 +215,7 @@ class WindowDecoder:
                                          self.spec).sum(axis=-1)
         else:
             predicted = log_rates[0].exp().numpy()
-        behavior = behavior[0].numpy()
-        if self.baseline is not None:
-            times, units_ = spikes.between(end - self.span_s, end)
-            features = binned_counts(times, units_, self.n_units, np.array([end]),
-                                     self.baseline.bin_s, self.baseline.n_bins)
-            behavior = self.baseline.predict(features)[0]
-        return behavior.astype(np.float64), predicted.astype(np.float32)
+        return behavior[0].numpy(), predicted
 
     def outputs(self, standardised: np.ndarray) -> np.ndarray:
         """Behaviour in physical units, smoothed window by window."""
@@ -178,6 +231,18 @@ class WindowDecoder:
         behavior, predicted = self.infer(end, tokens, spikes)
         return Decoded(self.outputs(behavior), predicted, int(tokens.n_spikes),
                        int(tokens.truncated))
+
+
+@contextmanager
+def _engine_call() -> Iterator[None]:
+    """Whatever the engine raises (onnxruntime, TensorRT, torch, CUDA errors have no common
+    type) as an InferenceError naming it in one line."""
+    try:
+        yield
+    except Exception as error:
+        text = (str(error).strip().splitlines() or [""])[0][:ERROR_CHARS]
+        raise InferenceError(f"{type(error).__name__}: {text}" if text
+                             else type(error).__name__) from error
 
 
 def _chosen_decoder(bundle: Bundle, requested: str) -> str:

@@ -37,6 +37,22 @@ going backwards, spike older than a closed window (late), a burst that does not 
 buffer, a frame of the wrong size; the sources themselves reject malformed messages, NaN and
 backwards timestamps. A source silent for `silence_s` is reported; when it delivers again
 (LSL inlets recover, ZeroMQ reconnects) the reconnect is counted.
+
+Faults that must not stop an experiment (each said once in a warning line, and counted):
+
+    engine      the engine raising (`InferenceError`) is counted in `engine_errors`. If the
+                bundle has a decoder to fall back to (the baseline in use, else its ridge
+                decoder), behaviour comes from it for the rest of the run, predicted counts are
+                the bundle's training means, and the summary's `fallback` says "<decoder>
+                since window k because <error>". Without one, each failing window is skipped
+                (`engine_skipped`, a gap in the sequence numbers) and the engine tried again;
+                MAX_ENGINE_FAILURES windows failing in a row stop the run, with the reason in
+                the summary's `failures` (an experiment is never silently stalled).
+    recording   the recorder's disk failing (full, gone): the loop goes on without recording;
+                `rtnf run` reports it at the end and exits with an error.
+    sources     a source that raises is left alone for SOURCE_RETRY_S; one that falls silent
+                is waited for (above).
+    sinks       sinks never block nor raise; what they drop they count in their `errors`.
 """
 
 from __future__ import annotations
@@ -51,7 +67,7 @@ from typing import Callable
 import numpy as np
 
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
-from rtnf.rt.decoder import WindowDecoder
+from rtnf.rt.decoder import InferenceError, WindowDecoder
 from rtnf.rt.recorder import Recorder
 from rtnf.rt.rules import Rules
 from rtnf.rt.telemetry import Telemetry
@@ -72,6 +88,7 @@ EARLY_MIN_HIT_RATE = 0.25  # below it, early decoding is only tried once every E
 FUTURE_S = 1.0  # a spike stamped further ahead of this machine's clock is refused
 SETTLE_S = 1.0  # longest wait for every source's first delivery before the first window
 JUDGED_AFTER = 20  # windows after which the loop says whether inference fits the hop
+MAX_ENGINE_FAILURES = 50  # windows in a row the engine may fail (no fallback) before a stop
 
 
 @dataclass
@@ -94,12 +111,14 @@ class LoopSettings:
 class RealtimeLoop:
     def __init__(self, decoder: WindowDecoder, sources: list[Source], sinks: list[Sink],
                  layout: OutputLayout, clock: Callable[[], float], rules: Rules | None = None,
-                 recorder: Recorder | None = None, settings: LoopSettings = LoopSettings()):
+                 recorder: Recorder | None = None, settings: LoopSettings = LoopSettings(),
+                 stop: threading.Event | None = None):
+        """`stop`: set to end the run (the loop makes its own when not given)."""
         self.decoder, self.sources, self.sinks, self.layout = decoder, sources, sinks, layout
         self.clock, self.rules, self.recorder, self.settings = clock, rules, recorder, settings
         self.hop = decoder.windows.hop
         self.telemetry = Telemetry(self.hop, layout.targets)
-        self.stop = threading.Event()
+        self.stop = threading.Event() if stop is None else stop
         self.retry_at = [0.0] * len(sources)  # a failed source is polled again from then
         order = np.argsort(layout.unit_ids)
         self.sorted_ids, self.sorted_index = np.asarray(layout.unit_ids)[order], order
@@ -119,6 +138,11 @@ class RealtimeLoop:
         self.early: EarlyDecode | None = None
         self.early_count = 0
         self.early_hits: deque[bool] = deque(maxlen=EARLY_WINDOWS)  # did it decide the window?
+        self.engine_streak = 0  # windows in a row whose decode failed (no fallback decoder)
+        self.engine_failing = False  # the engine failed since the last window it decoded
+        self.fallback: str | None = None  # "<decoder> since window k because <error>"
+        self.failures: list[str] = []  # why the run failed (the summary's `failures`)
+        self.recording_failed = False  # the recorder's disk failure has been reported
 
     # --------------------------------------------------------------------------------------
     # Input
@@ -195,7 +219,8 @@ class RealtimeLoop:
     def _inputs_arrived(self) -> None:
         """A frame or behaviour sample arrived: encode the waited-for window's inputs now."""
         if self.next_end is not None:
-            self.decoder.refresh_inputs(self.next_end, self.frames, self.behavior)
+            self._on_engine(self.next_k, lambda: self.decoder.refresh_inputs(
+                self.next_end, self.frames, self.behavior))
             self.changed = True
 
     def _heard(self, index: int, now: float) -> None:
@@ -237,8 +262,9 @@ class RealtimeLoop:
     def _prepare(self, k: int) -> None:
         """Get window k ready while waiting for it to close."""
         self.next_k, self.next_end = k, k * self.hop
-        self.decoder.advance_history(self.next_end, self.spikes)
-        self.decoder.refresh_inputs(self.next_end, self.frames, self.behavior)
+        self._on_engine(k, lambda: self.decoder.advance_history(self.next_end, self.spikes))
+        self._on_engine(k, lambda: self.decoder.refresh_inputs(self.next_end, self.frames,
+                                                               self.behavior))
         self.spikes.discard_before(self.next_end - self.decoder.span_s)
         self.early, self.early_count, self.changed = None, 0, True
 
@@ -257,7 +283,10 @@ class RealtimeLoop:
         end = self.next_end
         key = self._window_key(end)
         tokens = self.decoder.tokenize(end, self.spikes)
-        self.early = EarlyDecode(key, tokens, *self.decoder.infer(end, tokens, self.spikes))
+        try:
+            self.early = EarlyDecode(key, tokens, *self.decoder.infer(end, tokens, self.spikes))
+        except InferenceError as error:
+            self._engine_failed(self.next_k, error)
         self.early_count += 1
         self.changed = False
 
@@ -277,18 +306,14 @@ class RealtimeLoop:
         stage_ms = {"ingest": self.ingest_s * 1e3, "close": (closed - window_end) * 1e3}
         self.ingest_s = 0.0
         started = self.clock()
-        decided_early = self.early is not None and self.early.key == self._window_key(end)
-        if self.early is not None:
-            self.early_hits.append(decided_early)
-        if decided_early:
-            tokens, behavior, predicted = self.early.tokens, self.early.behavior, \
-                self.early.predicted
-            self.telemetry.counters["decided_early"] += 1
-            tokenized = self.clock()
-        else:
-            tokens = self.decoder.tokenize(end, self.spikes)
-            tokenized = self.clock()
-            behavior, predicted = self.decoder.infer(end, tokens, self.spikes)
+        try:
+            tokens, tokenized, behavior, predicted = self._decode(end)
+        except InferenceError as error:
+            if not self._engine_failed(k, error):
+                self._skip_failed(k, error)
+                return
+            tokens, tokenized, behavior, predicted = self._decode(end)  # the fallback's
+        self.engine_streak, self.engine_failing = 0, False
         decoded = self.decoder.outputs(behavior)
         inferred = self.clock()
         self.telemetry.counters["truncated_spikes"] += int(tokens.truncated)
@@ -304,6 +329,7 @@ class RealtimeLoop:
                      "infer": (inferred - tokenized) * 1e3}
         if self.recorder is not None:
             self.recorder.record_output(output, sent)
+            self._check_recording()
         stage_ms["publish"] = (self.clock() - inferred) * 1e3
         self.telemetry.window(stage_ms, latency_ms, decoded)
         if self.telemetry.counters["windows"] == JUDGED_AFTER:
@@ -315,6 +341,78 @@ class RealtimeLoop:
         if self.recorder is not None:
             self.recorder.record_telemetry(sample)
         self.closed_until = end
+
+    def _decode(self, end: float) -> tuple[WindowTokens, float, np.ndarray, np.ndarray]:
+        """The window's tokens, when tokenizing ended, its behaviour and predicted counts: its
+        early decode's if nothing the window reads changed since, otherwise decoded now."""
+        decided_early = self.early is not None and self.early.key == self._window_key(end)
+        if self.early is not None:
+            self.early_hits.append(decided_early)
+        if decided_early:
+            self.telemetry.counters["decided_early"] += 1
+            return self.early.tokens, self.clock(), self.early.behavior, self.early.predicted
+        tokens = self.decoder.tokenize(end, self.spikes)
+        tokenized = self.clock()
+        return (tokens, tokenized, *self.decoder.infer(end, tokens, self.spikes))
+
+    # --------------------------------------------------------------------------------------
+    # Faults
+    # --------------------------------------------------------------------------------------
+
+    def _on_engine(self, k: int, work: Callable[[], None]) -> None:
+        """Do `work`, the decoder preparing window k on the engine; an engine failure is
+        counted (and may switch behaviour to the fallback decoder)."""
+        try:
+            work()
+        except InferenceError as error:
+            self._engine_failed(k, error)
+
+    def _engine_failed(self, k: int, error: InferenceError) -> bool:
+        """Count an engine failure met at window k and give the engine up for the rest of the
+        run if the bundle has a decoder to fall back to; True if it has (the window is then
+        decoded by the fallback), False if the window cannot be decoded."""
+        self.telemetry.counters["engine_errors"] += 1
+        if self.decoder.fall_back(str(error)):
+            self.early = None  # the engine's, and the engine is given up
+            name = self.decoder.fallback_name
+            self.fallback = f"{name} since window {k} because {error}"
+            counts = ("the bundle's training means" if np.isfinite(
+                self.decoder.mean_next_counts).all() else "NaN (the bundle keeps no means)")
+            log.warning("the engine failed at window %d (%s): behaviour comes from the bundle's "
+                        "%s decoder for the rest of the run; predicted counts are %s", k, error,
+                        name, counts)
+            return True
+        if not self.engine_failing:
+            self.engine_failing = True
+            log.warning("the engine failed at window %d (%s): windows are skipped while it "
+                        "fails (the bundle has no ridge decoder to fall back to); %d in a row "
+                        "stop the run", k, error, MAX_ENGINE_FAILURES)
+        return False
+
+    def _skip_failed(self, k: int, error: InferenceError) -> None:
+        """Window k could not be decoded: skip it; stop the run after MAX_ENGINE_FAILURES."""
+        self.telemetry.counters["engine_skipped"] += 1
+        self.engine_streak += 1
+        self.closed_until = k * self.hop
+        if self.engine_streak >= MAX_ENGINE_FAILURES:
+            message = (f"the engine failed {self.engine_streak} windows in a row (last: "
+                       f"{error}) and the bundle has no ridge decoder to fall back to; run "
+                       "stopped")
+            log.error(message)
+            self.failures.append(message)
+            self.stop.set()
+
+    def _check_recording(self) -> None:
+        """Say once that the recorder's disk failed: the loop goes on, unrecorded."""
+        if self.recorder.failure is not None and not self.recording_failed:
+            self.recording_failed = True
+            log.warning("recording to %s failed (%s): the loop goes on, but nothing more is "
+                        "recorded (what was flushed before is kept)", self.recorder.directory,
+                        self.recorder.failure)
+
+    # --------------------------------------------------------------------------------------
+    # Running
+    # --------------------------------------------------------------------------------------
 
     def _judge_speed(self) -> None:
         """Say once, early, if inference does not fit the hop (windows will be skipped), with
@@ -337,7 +435,9 @@ class RealtimeLoop:
 
     def run(self) -> dict:
         """Run until `stop` is set, `settings.seconds` have passed or every replayed source
-        has finished; returns the telemetry summary."""
+        has finished; returns the telemetry summary, with `fallback` (None, or which decoder
+        took over from the engine, since when and why) and `failures` (what makes the run
+        fail: empty when nothing did)."""
         settings = self.settings
         self.origin = math.floor(self.clock())
         started = self.clock()
@@ -365,4 +465,5 @@ class RealtimeLoop:
                 self._prepare(newest)
             self._process(self.next_k, closed)
             self._prepare(self.next_k + 1)
-        return self.telemetry.summary()
+        return self.telemetry.summary() | {"fallback": self.fallback,
+                                           "failures": list(self.failures)}

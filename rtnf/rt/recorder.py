@@ -10,9 +10,12 @@ then holds the records per kind that are durably on disk. `close()` (or leaving 
 block) drains the queue, flushes, fsyncs and writes the summary into run.json. A process killed
 with SIGKILL loses at most what arrived since the last flush; a process that ends without
 `close()` has its writer drain and flush once the main thread is gone (run.json then lacks the
-summary). A disk error (full, gone) is kept in `failure`, the records after it are counted in
-`dropped`, and `close()` raises it after writing the summary. A run directory that exists and
-is not empty is refused: a recording is never overwritten or appended to.
+summary). A disk error (full, gone) is kept in `failure`; from then on nothing more is written
+(so no record lands after a torn one), the records are counted in `dropped`, and `close()`
+raises it after writing the summary (when the disk still takes run.json; otherwise run.json
+keeps its previous, complete content). A run directory that exists and is not empty is refused:
+a recording is never overwritten or appended to; one that cannot be created or written is an
+RtnfError naming recording.directory and the path.
 
 `read_run` reads a run directory, complete, still being written or left by a crash, into a
 `RunRecording`; `RunRecording.input_session()` gives the inputs as a `Session`.
@@ -243,6 +246,7 @@ class Recorder:
         self.dropped: Counter = Counter()  # records lost to a full queue or a failed disk
         self.flushed: dict[str, int] = {kind: 0 for kind in KINDS}  # records durable on disk
         self.failure: str | None = None  # the writer's first disk error, if any
+        self.summary_written = False  # run.json holds the summary (close() wrote it)
         self._dtypes = record_dtypes(layout)
         self._frame_shape: tuple[int, int] | None = None
         self._numbers: Counter = Counter()
@@ -252,12 +256,22 @@ class Recorder:
         self._queued_bytes = 0
         self._lock = threading.Lock()  # numbering, drop counts and queue bytes
         self._closed = False
-        _claim_directory(self.directory)
         self._info = self._start_info(metadata or {})
-        write_json_atomic(self.directory / INFO_FILE, self._info)
+        self._start_directory()
         self._files = _AppendFiles(self.directory)
         self._writer = threading.Thread(target=self._write_loop, name="rtnf-recorder")
         self._writer.start()
+
+    def _start_directory(self) -> None:
+        """Claim the run directory and write run.json, or say what is wrong with the place."""
+        try:
+            _claim_directory(self.directory)
+            write_json_atomic(self.directory / INFO_FILE, self._info)
+        except OSError as error:
+            raise RtnfError(f"recording.directory: cannot record into {self.directory} "
+                            f"({error.strerror or error}: {error.filename or self.directory}); "
+                            "choose a writable directory (recording.directory or --run-dir), "
+                            "or run with --no-record") from None
 
     def _start_info(self, metadata: dict[str, Any]) -> dict[str, Any]:
         layout = self.layout
@@ -421,7 +435,7 @@ class Recorder:
                     break  # the program ended without close(): keep what it recorded
             self._sync()
         finally:
-            self._files.close()
+            self._close_files()
 
     def _store(self, chunk: Chunk) -> None:
         with self._lock:
@@ -454,6 +468,13 @@ class Recorder:
         except OSError as error:
             self._fail(error, self.directory)
 
+    def _close_files(self) -> None:
+        """Close the record files; on a failed disk their buffers may not empty (counted)."""
+        try:
+            self._files.close()
+        except OSError as error:
+            self._fail(error, self.directory)
+
     def _fail(self, error: OSError, where: Path) -> None:
         if self.failure is None:
             self.failure = f"{error.filename or where}: {error.strerror or error}"
@@ -473,11 +494,21 @@ class Recorder:
                 "dropped": {kind: self.dropped[kind] for kind in KINDS},
                 "failure": self.failure, "loop": summary or {},
             }
-            write_json_atomic(self.directory / INFO_FILE, self._info)
+            self._write_summary()
         if self.failure is not None:
+            unsaved = "" if self.summary_written else f"; {INFO_FILE} holds no summary"
             raise RtnfError(f"recording {self.directory} failed: {self.failure} "
-                            f"({sum(self.dropped.values())} records not written)")
+                            f"({sum(self.dropped.values())} records not written{unsaved})")
         return self._info["summary"]
+
+    def _write_summary(self) -> None:
+        """run.json with the summary; a disk that refuses it leaves the previous run.json."""
+        try:
+            write_json_atomic(self.directory / INFO_FILE, self._info)
+        except OSError as error:
+            self._fail(error, self.directory / INFO_FILE)
+        else:
+            self.summary_written = True
 
     def _stop_writer(self) -> None:
         while self._writer.is_alive():
@@ -492,7 +523,9 @@ class Recorder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        """Close, unless `close()` was called already (its error, if any, was raised then)."""
+        if not self._closed:
+            self.close()
 
 
 @dataclass
@@ -565,8 +598,9 @@ def _read_info(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RtnfError(f"{path}: not found; not an rtnf run directory (or the run never "
                         "started)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RtnfError(f"{path}: cannot read the run description: {error}") from None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad UTF-8 or JSON
+        raise RtnfError(f"{path}: cannot read the run description: "
+                        f"{error or type(error).__name__}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise RtnfError(f"{path}: key 'format' is {found!r}, expected '{FORMAT}'")
@@ -576,6 +610,8 @@ def _read_info(path: Path) -> dict[str, Any]:
     for key in ("run_id", "started", "layout", "records"):
         if key not in info:
             raise RtnfError(f"{path}: key '{key}' is missing")
+    if not isinstance(info["records"], dict):
+        raise RtnfError(f"{path}: key 'records' is not a mapping of record layouts")
     return info
 
 
@@ -590,9 +626,13 @@ def _read_records(directory: Path, info: dict[str, Any], kind: str) -> np.ndarra
                         f"{path} ({size} bytes) cannot be read")
     try:
         dtype = dtype_from_json(spec)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError, RecursionError) as error:
         raise RtnfError(f"{directory / INFO_FILE}: key 'records.{kind}' is not a record "
                         f"layout ({error})") from None
+    if dtype.hasobject or dtype.itemsize == 0:
+        problem = "holds Python objects" if dtype.hasobject else "gives zero-size records"
+        raise RtnfError(f"{directory / INFO_FILE}: key 'records.{kind}' {problem}; not a record "
+                        "layout rtnf writes")
     count = size // dtype.itemsize
     if count == 0:
         return np.zeros(0, dtype)

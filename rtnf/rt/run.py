@@ -6,6 +6,12 @@ settings, runs the loop until it is stopped (SIGINT / SIGTERM, `seconds`, or the
 replayed file), then closes everything in reverse, flushing the recorder last, and returns the
 run's summary. Anything that cannot start is an `RtnfError` naming what to fix; nothing that
 was opened is left open.
+
+What went wrong during the run does not raise: the summary's `failures` lists what makes the
+run a failure (the engine failing too long with nothing to fall back to, the recording's disk
+failing), `fallback` says which decoder took over from a failed engine, and `recording` what
+the record holds; `fault_lines` puts them in words for the operator, and `rtnf run` exits
+with an error when `failures` is not empty.
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ def run_closed_loop(config: Config, options: RunOptions,
                  bundle.config.windows.hop, bundle.config.windows.current,
                  bundle.config.windows.history)
     pylsl = import_pylsl(config.rig.lsl.config, config.rig.lsl.session_id)
+    stop = threading.Event()
     with ExitStack() as stack:
         engine = open_engine(bundle, config.engine, options.backend)
         decoder = WindowDecoder(bundle, engine, options.decoder, options.prediction,
@@ -150,6 +157,9 @@ def run_closed_loop(config: Config, options: RunOptions,
         sinks = open_sinks(config.outputs, layout, config.rig.name, config.rig.lsl.config)
         for sink in sinks:
             stack.callback(sink.close)
+        # From the recording's start to its summary, SIGINT/SIGTERM only ask the loop to stop:
+        # a signal during the final flush does not cut it short.
+        stack.enter_context(_stop_on_signals(stop))
         recorder = None
         run_dir = None
         if config.recording.enabled:
@@ -162,7 +172,7 @@ def run_closed_loop(config: Config, options: RunOptions,
         process = apply_process_settings(config.realtime)
         loop = RealtimeLoop(decoder, sources, sinks, layout, pylsl.local_clock, rules, recorder,
                             LoopSettings(grace_s=config.realtime.grace, seconds=options.seconds,
-                                         speed=_replay_speed(rig, options.transport)))
+                                         speed=_replay_speed(rig, options.transport)), stop)
         started = {"bundle": str(options.bundle), "hop_s": decoder.windows.hop,
                    "decoder": decoder.decoder_name,
                    "backend": engine.backend.describe(), "sources": [s.name for s in sources],
@@ -170,7 +180,7 @@ def run_closed_loop(config: Config, options: RunOptions,
                    "run_dir": None if run_dir is None else str(run_dir), "process": process}
         if on_started is not None:
             on_started(started)
-        with _stop_on_signals(loop.stop), ExitStack() as view:
+        with ExitStack() as view:
             if options.live_view:
                 view.enter_context(LiveView(loop.telemetry, f"rtnf run: {options.bundle}"))
             summary = loop.run()
@@ -180,5 +190,32 @@ def run_closed_loop(config: Config, options: RunOptions,
                     "source_rejected": {s.name: dict(s.rejected) for s in sources
                                         if s.rejected}}
         if recorder is not None:
-            recorder.close(summary)
+            summary["recording"] = _close_recording(recorder, summary)
         return summary
+
+
+def _close_recording(recorder: Recorder, summary: dict[str, Any]) -> dict[str, Any]:
+    """Close the recorder with the run's summary; what it holds, and its failure (also added
+    to the summary's `failures`)."""
+    try:
+        recorder.close(summary)
+    except RtnfError as error:
+        summary["failures"].append(str(error))
+    return {"directory": str(recorder.directory), "records": dict(recorder.flushed),
+            "dropped": {kind: count for kind, count in recorder.dropped.items() if count},
+            "failure": recorder.failure}
+
+
+def fault_lines(summary: dict[str, Any]) -> list[str]:
+    """What the operator is told, after the run's figures, about what went wrong."""
+    lines = [f"output {sink}: {reason}: {count}"
+             for sink, errors in summary.get("sink_errors", {}).items()
+             for reason, count in errors.items()]
+    if summary.get("fallback"):
+        lines.append(f"fallback: {summary['fallback']}")
+    recording = summary.get("recording") or {}
+    if recording.get("dropped"):
+        dropped = ", ".join(f"{kind} {count}" for kind, count in recording["dropped"].items())
+        lines.append(f"recording {recording['directory']}: records not written: {dropped}")
+    lines.extend(f"failed: {failure}" for failure in summary.get("failures", ()))
+    return lines
