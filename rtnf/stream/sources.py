@@ -18,7 +18,8 @@ knows the bundle's units).
   given) is resolved with discovery scoped by rig.lsl.config (loopback by default); the inlet
   has `recover` on and clock synchronisation on, so timestamps are mapped onto this machine's
   clock (`time_correction`), and an outlet that vanishes and comes back (same source id) is
-  re-attached. Spike streams have one int channel (unit id) or two (channel, unit: RIGS.md);
+  re-attached. liblsl blocks every pull for a second or two while it re-attaches, so each inlet
+  is read by its own thread, which hands chunks over through a bounded queue. Spike streams have one int channel (unit id) or two (channel, unit: RIGS.md);
   behaviour channels are matched by the labels in the stream description; frames are reshaped
   with the description's height and width.
 - ZeroMQ (`ZmqSource`): a SUB socket connects to the publisher's address and takes rtnf's
@@ -32,6 +33,8 @@ knows the bundle's units).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
@@ -60,6 +63,8 @@ KINDS = ("spikes", "behavior", "frames")
 SOURCE_KINDS = ("lsl", "zmq", "openephys", "replay", "sim", "none")
 RESOLVE_TIMEOUT_S = 5.0
 MAX_CHUNK = 100_000  # samples taken from an LSL inlet at once
+LSL_QUEUED_CHUNKS = 10_000  # chunks an LSL reader thread hands over before its stream stalls
+LSL_READ_WAIT_S = 0.1  # an LSL reader thread's longest wait, so it notices a close promptly
 ZMQ_HIGH_WATER_MARK = 100_000  # messages queued before ZeroMQ drops (a capture must not lose any)
 MAX_MESSAGES_PER_POLL = 10_000  # a flooding publisher cannot hold poll() for long
 
@@ -164,6 +169,12 @@ class LslSource:
         self.behavior_columns = self._behavior_columns(info) if kind == "behavior" else None
         self.frame_shape = self._frame_shape(info) if kind == "frames" else None
         self.inlet.open_stream(resolve_timeout)
+        # liblsl blocks every pull for a second or two while it re-attaches to a restarted
+        # outlet, so the inlet is read by its own thread and `poll` never touches it.
+        self.chunks: queue.Queue = queue.Queue(maxsize=LSL_QUEUED_CHUNKS)
+        self.stopping = threading.Event()
+        self.reader = threading.Thread(target=self._read, name=f"rtnf-{self.name}", daemon=True)
+        self.reader.start()
 
     @staticmethod
     def _labels(info) -> list[str]:
@@ -196,17 +207,41 @@ class LslSource:
                             f"its {self.channels} channels")
         return shape
 
-    def poll(self, timeout: float) -> list[Batch]:
-        # pull_chunk with a timeout waits until its buffer is full or the timeout expires, so
-        # it would hold samples back for the whole timeout: take what is there, and otherwise
-        # wait for one sample (pull_sample returns as soon as one arrives), then the rest.
+    def _pull(self, timeout: float) -> tuple[list, list]:
+        """What the inlet holds, or the first sample within `timeout` and what came with it.
+        (pull_chunk with a timeout waits until its buffer is full or the timeout expires, so it
+        would hold samples back; pull_sample returns as soon as one arrives.)"""
         samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
-        if not stamps:
-            first, stamp = self.inlet.pull_sample(timeout=timeout)
-            if first is None:
-                return []
-            samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
-            samples, stamps = [first, *samples], [stamp, *stamps]
+        if stamps:
+            return samples, stamps
+        first, stamp = self.inlet.pull_sample(timeout=timeout)
+        if first is None:
+            return [], []
+        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
+        return [first, *samples], [stamp, *stamps]
+
+    def _read(self) -> None:
+        while not self.stopping.is_set():
+            samples, stamps = self._pull(LSL_READ_WAIT_S)
+            if not stamps:
+                continue
+            try:
+                self.chunks.put_nowait((samples, stamps))
+            except queue.Full:
+                self.rejected["queue full (the reader of this stream is stalled)"] += len(stamps)
+
+    def poll(self, timeout: float) -> list[Batch]:
+        try:
+            samples, stamps = self.chunks.get(timeout=timeout) if timeout > 0 else \
+                self.chunks.get_nowait()
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                more_samples, more_stamps = self.chunks.get_nowait()
+            except queue.Empty:
+                break
+            samples, stamps = [*samples, *more_samples], [*stamps, *more_stamps]
         values = np.asarray(samples)
         if self.kind == "spikes":
             records = values[:, -1]  # (unit) or (channel, unit)
@@ -220,6 +255,8 @@ class LslSource:
         return self.gate.admit(self.kind, stamps, records)
 
     def close(self) -> None:
+        self.stopping.set()
+        self.reader.join(timeout=2 * LSL_READ_WAIT_S + 1.0)
         self.inlet.close_stream()
 
 
