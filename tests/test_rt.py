@@ -19,6 +19,8 @@ from rtnf.engine.select import open_engine
 from rtnf.model.generation import Sampling
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
 from rtnf.rt.decoder import WindowDecoder
+from rtnf.rt.loop import RealtimeLoop
+from rtnf.rt.run import output_layout
 from rtnf.errors import RtnfError
 from rtnf.rt.priority import apply_process_settings
 from rtnf.rt.telemetry import Histogram, LiveView, Telemetry
@@ -177,3 +179,21 @@ def test_live_view_shows_decoded_values_latency_and_counters():
     shown = console.file.getvalue()
     for text in ("speed", "12.50", "-3.25", "p50 1.", "windows 1", "unknown unit: 3"):
         assert text in shown, shown
+
+
+def test_the_window_grid_is_placed_before_steady_arrivals(bundle, session):
+    """Frames every hop at phase 12 ms: window ends go just before them, so each frame comes
+    a whole hop (less one step) before the end of the window that reads it; buffered times
+    move with the grid. Arrivals at every phase leave the grid where it was."""
+    decoder, _ = _fed_decoder(bundle, session)
+    layout = output_layout(decoder, bundle.unit_ids)
+    loop = RealtimeLoop(decoder, [], [], layout, lambda: 100.0)
+    loop.origin = 100.0
+    loop.spikes.append(np.array([5.0]), np.array([0]))
+    loop._align(100.0 + 0.012 + 0.05 * np.arange(10))
+    assert loop.origin == pytest.approx(100.0115, abs=1e-9)
+    assert loop.spikes.newest == pytest.approx(5.0 - 0.0115)
+    steady = RealtimeLoop(decoder, [], [], layout, lambda: 100.0)
+    steady.origin = 100.0
+    steady._align(100.0 + 0.0002 * np.arange(1000))
+    assert steady.origin == 100.0

@@ -24,7 +24,8 @@ Work ahead: while waiting for t_k, whenever spikes of window k arrive, the loop 
 as it stands (at most `SPECULATIONS` times per window, and only while that keeps paying off). If nothing that window k reads changed before it
 closed (its spike count, its clip), that result is the window's result, bit for bit; otherwise
 it is computed again at the close. On a two-photon rig, whose events arrive once per imaging
-frame, the decision is then ready at the close.
+frame, the decision is then ready at the close; for that, the window grid is placed at the start
+(`_align`) so that inputs arriving at a steady cadence come well before each window's end.
 
 Per window: (close) poll every source once more; if the clock has already passed a later window's
 close, skip to the newest closed window and count the skipped ones (no backlog ever builds);
@@ -87,6 +88,8 @@ EARLY_WINDOWS = 20  # windows over which early decoding's success is judged
 EARLY_MIN_HIT_RATE = 0.25  # below it, early decoding is only tried once every EARLY_WINDOWS
 FUTURE_S = 1.0  # a spike stamped further ahead of this machine's clock is refused
 SETTLE_S = 1.0  # longest wait for every source's first delivery before the first window
+ALIGN_S = 0.3  # what arrives in the first ALIGN_S places the window grid (`_align`)
+ALIGN_STEP_S = 0.0005  # resolution of the window grid's placement
 JUDGED_AFTER = 20  # windows after which the loop says whether inference fits the hop
 MAX_ENGINE_FAILURES = 50  # windows in a row the engine may fail (no fallback) before a stop
 
@@ -133,6 +136,7 @@ class RealtimeLoop:
         self.closed_until = -math.inf  # end of the newest processed window (loop time)
         self.next_k: int | None = None  # the window being waited for, and its end (loop time)
         self.next_end: float | None = None
+        self.arrivals: list[np.ndarray] | None = None  # stamps seen while the grid is placed
         self.ingest_s = 0.0
         self.changed = False  # spikes of the next window arrived since its last early decode
         self.early: EarlyDecode | None = None
@@ -151,6 +155,8 @@ class RealtimeLoop:
     def _ingest(self, index: int, batch: Batch) -> None:
         started = self.clock()
         self._heard(index, started)
+        if self.arrivals is not None and batch.kind in ("spikes", "frames"):
+            self.arrivals.append(batch.timestamps)
         if batch.kind == "spikes":
             self._ingest_spikes(batch, started)
         elif batch.kind == "behavior":
@@ -426,12 +432,38 @@ class RealtimeLoop:
             log.warning("inference takes %.1f ms per window, near or over the %.1f ms hop: "
                         "windows will be skipped; %s", infer_ms, hop_ms, advice)
 
-    def _settle(self, until: float) -> None:
+    def _settle(self, started: float) -> None:
         """Take what the sources held before the run began (an inlet's first chunk can hold
-        the last second) until each has delivered once, or `until`: history, not late spikes."""
-        while None in self.last_heard and not self.stop.is_set() and self.clock() < until:
+        the last second: history, not late spikes) until each has delivered once and ALIGN_S
+        have passed, or SETTLE_S; meanwhile note when spikes and frames come."""
+        self.arrivals = []
+        while not self.stop.is_set() and self.clock() < started + SETTLE_S and (
+                None in self.last_heard or self.clock() < started + ALIGN_S):
             self._poll()
             self.stop.wait(POLL_S)
+        arrivals, self.arrivals = self.arrivals, None
+        if arrivals:
+            self._align(np.unique(np.round(np.concatenate(arrivals), 4)))
+
+    def _align(self, stamps: np.ndarray) -> None:
+        """Place the window grid (the origin's phase within a hop) so that spikes and frames,
+        where they come at a steady cadence (a two-photon rig's imaging frames, a stimulus's
+        frames), arrive as long as possible before the next window end: each window's inputs
+        are then complete, and decoded, well before it closes. Data arriving all the time (an
+        ephys rig) leaves every phase alike, and the grid where it was."""
+        hop_s = self.hop / self.settings.speed
+        phases = np.arange(0.0, hop_s, ALIGN_STEP_S)
+        lead = np.mod(phases[:, None] - (stamps[None, :] - self.origin), hop_s).min(axis=1)
+        if lead.max() - lead[0] < ALIGN_STEP_S:
+            return
+        shift = float(phases[int(np.argmax(lead))])
+        self.origin += shift
+        moved = shift * self.settings.speed  # on the loop's time axis
+        self.spikes.times[self.spikes.start:self.spikes.stop] -= moved
+        self.behavior.times -= moved
+        if self.frames is not None:
+            self.frames.times -= moved
+        self.telemetry.counters["grid_phase_us"] = round(shift * 1e6)
 
     def run(self) -> dict:
         """Run until `stop` is set, `settings.seconds` have passed or every replayed source
@@ -441,7 +473,7 @@ class RealtimeLoop:
         settings = self.settings
         self.origin = math.floor(self.clock())
         started = self.clock()
-        self._settle(started + SETTLE_S)
+        self._settle(started)
         self._prepare(math.floor(self._loop_time(self.clock()) / self.hop) + 1)
         while not self.stop.is_set():
             now = self.clock()
