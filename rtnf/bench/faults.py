@@ -587,7 +587,9 @@ def engine_fails(bundle_dir: Path, workdir: Path, fail_after: int = 30, seconds:
     mean = load_bundle(bundle_dir).mean_next_counts
     matches_mean = np.isclose(recording.predicted["values"], mean[None, :].astype(np.float32))
     return {"fault": "engine raised mid-run", "exit_status": status, "warnings": seen.lines,
-            "error_line": stderr.getvalue().strip(), "operator_lines": fault_lines(summary),
+            "error_line": next((line for line in stderr.getvalue().splitlines()
+                                if line.startswith("rtnf: error:")), None),
+            "operator_lines": fault_lines(summary),
             "fallback": summary["fallback"], "failures": summary["failures"],
             "windows": summary["windows"], "counters": summary["counters"],
             "record": record_report(run_dir),
