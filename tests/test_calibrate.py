@@ -35,12 +35,7 @@ TINY = ["simulation.sessions=3", "simulation.neurons=30", "simulation.minutes=1.
         "training.eval_every=20", "calibration.max_epochs=2", "calibration.patience=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares 2 cores; small models are faster on one
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

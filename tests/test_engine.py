@@ -31,12 +31,7 @@ from rtnf.model.neuroformer import Neuroformer
 from rtnf.tokens import TokenSpec, absolute_bins, tokenize_windows, window_ends
 from random_bundle import FRAMES, WINDOWS, write_bundle
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

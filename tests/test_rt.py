@@ -8,7 +8,6 @@ import io
 import numpy as np
 import psutil
 import pytest
-import torch
 from rich.console import Console
 
 from random_bundle import FRAMES, WINDOWS, write_bundle
@@ -30,12 +29,7 @@ from rtnf.train.calibrate import predict
 from rtnf.train.dataset import Normalization, SessionWindows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,12 @@ import sys
 import threading
 import time
 import tty
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ class WarningLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WarningLines:
         logging.getLogger("rtnf.rt").addHandler(self)
         return self
 
@@ -147,7 +148,7 @@ def _outputs_in_step(recording: RunRecording) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-class Publisher:
+class Publisher(ABC):
     """A rig's process sending records from a thread, stamped on the LSL clock: spikes of
     `units` (SPIKES_PER_SEND every SEND_INTERVAL_S) or behaviour samples (one per send). For
     each outage (start, length), seconds after `start()`, the process is gone: its socket or
@@ -170,14 +171,17 @@ class Publisher:
         self.stop.set()
         self.thread.join(10.0)
 
+    @abstractmethod
     def _open(self) -> None:
-        raise NotImplementedError
+        """Open the socket or outlet."""
 
+    @abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Close it."""
 
+    @abstractmethod
     def _send(self, stamp: float, rng: np.random.Generator) -> None:
-        raise NotImplementedError
+        """Send one record stamped `stamp`."""
 
     def _run(self) -> None:
         rng = np.random.default_rng(0)
