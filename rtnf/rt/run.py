@@ -122,8 +122,15 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(*_: object) -> None:
+        # Not stop.set() here: the handler runs in the main thread, which may be inside
+        # stop.wait() holding the event's (non-reentrant) lock; setting it from another thread
+        # cannot deadlock.
+        threading.Thread(target=stop.set, name="rtnf-stop", daemon=True).start()
+
     for sig in previous:
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, request_stop)
     try:
         yield
     finally:
