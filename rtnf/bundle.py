@@ -4,8 +4,10 @@ A bundle holds `manifest.json`, `config.yaml` and whatever the caller writes (mo
 model.json, units.json, normalization.json, report/...). The manifest records the format, when and
 with which library versions the bundle was made, the configuration's digest, the data source, the
 caller's extra fields (the calibration verdict) and the size and sha256 of every other file.
-`engines/` (backend caches) is not hashed: it is derived from the hashed files, specific to the
-machine and library versions, and rebuilt when stale, so it changes legitimately after writing.
+`engines/` (backend caches) is not in the manifest: it is derived from the hashed files, specific
+to the machine and library versions, and rebuilt when stale, so it changes legitimately after
+writing. Each cache file there carries its own sha256 instead, checked before it is used; one
+that does not match is discarded and rebuilt (`rtnf.engine.cache_integrity`).
 
 `BundleWriter` builds a bundle in a sibling staging directory and swaps it into place with two
 renames (existing bundle -> sibling backup, staging -> final), so the final path only ever holds a

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,12 +19,14 @@ from rtnf.bundle import load_bundle, verify_bundle
 from rtnf.config import EngineConfig, SimulationConfig
 from rtnf.data.sim import simulate
 from rtnf.engine.buckets import bucket, in_chunks, lengths, pad_inputs, trim_outputs
+from rtnf.engine.cache_integrity import digest_path, verified
 from rtnf.engine.compile import backend_parity, compile_bundle
 from rtnf.engine.export import relative_error
 from rtnf.engine.graphs import dynamic_axes, example_inputs, session_graphs
-from rtnf.engine.select import make_backend, open_engine, resolve, tensorrt_unavailable
-from rtnf.engine.tensorrt_plan import (FP16_PARITY, dimension_ranges, fp16_graph, plan_key,
-                                       profile_shapes)
+from rtnf.engine.select import (cpu_choice_path, make_backend, open_engine, resolve,
+                                tensorrt_unavailable, write_cpu_choice)
+from rtnf.engine.tensorrt_plan import (FP16_PARITY, cached_or_built, dimension_ranges,
+                                       fp16_graph, plan_key, profile_shapes)
 from rtnf.engine.torch_backend import TorchBackend
 from rtnf.errors import EngineError
 from rtnf.model.generation import Sampling, generate_window
@@ -158,17 +163,66 @@ def test_onnxruntime_engine_matches_torch_on_real_windows(compiled, session, tok
     assert torch.equal(windows[0].units, windows[1].units)
 
 
-def test_a_tampered_onnx_graph_is_refused(compiled, bundle_dir, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(bundle_dir, copy)
-    path = copy / "onnx" / "step.onnx"
+def flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_a_tampered_onnx_graph_is_refused(compiled, bundle_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    flip_a_byte(copy / "onnx" / "step.onnx")
     with pytest.raises(Exception, match="onnx/step.onnx was modified or truncated"):
         load_bundle(copy)
+
+
+CACHE_DAMAGE = {
+    "one byte flipped": (flip_a_byte, "does not match its recorded sha256"),
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[:1000]),
+                  "does not match its recorded sha256"),
+    "digest missing": (lambda path: digest_path(path).unlink(), "has no recorded sha256"),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_a_damaged_optimised_graph_is_discarded_and_rebuilt(compiled, bundle_dir, tmp_path,
+                                                            caplog, damage):
+    """engines/ is outside the manifest: its optimised graphs carry their own sha256."""
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    (cache,) = copy.glob("engines/onnxruntime-*/decode.optimized.onnx")
+    intact = cache.read_bytes()
+    damage_cache, reason = CACHE_DAMAGE[damage]
+    damage_cache(cache)
+    bundle = load_bundle(copy)  # the bundle itself verifies
+    with caplog.at_level(logging.WARNING, logger="rtnf.engine"):
+        engine = open_engine(bundle, EngineConfig(threads=1), "onnxruntime")
+    (message,) = caplog.messages
+    assert message.startswith(f"engine cache {cache} {reason}")
+    assert message.endswith("discarded, rebuilding it from the bundle")
+    assert cache.read_bytes() == intact and verified(cache)  # optimised again from onnx/
+    graphs = session_graphs(bundle.checkpoint.model, bundle.unit_rows, bundle.session_row)
+    assert max(backend_parity(engine.backend, graphs).values()) <= 1e-4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rtnf.engine"):
+        open_engine(bundle, EngineConfig(threads=1), "onnxruntime")
+    assert caplog.messages == []  # said once: the rebuilt graph verifies
+
+
+def test_a_damaged_cpu_choice_falls_back_to_onnxruntime(compiled, bundle_dir, tmp_path,
+                                                         caplog):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    bundle, engine = load_bundle(copy), EngineConfig(threads=1)
+    write_cpu_choice(copy, engine, {"chosen": "torch"})
+    assert resolve("auto", bundle, engine) == "torch"
+    path = cpu_choice_path(copy, engine)
+    path.write_bytes(path.read_bytes()[:-1])  # truncated: no longer JSON
+    with caplog.at_level(logging.WARNING, logger="rtnf.engine"):
+        assert resolve("auto", bundle, engine) == "onnxruntime"  # as when none is recorded
+    assert len(caplog.messages) == 1 and "does not match its recorded sha256" in caplog.text
+    assert not path.exists() and not digest_path(path).exists()
 
 
 def test_backend_selection_without_tensorrt(compiled, bundle_dir):
@@ -271,6 +325,43 @@ def test_tensorrt_preparation_without_tensorrt(compiled, bundle_dir, tmp_path):
         with torch.inference_mode():
             expected = [out.numpy() for out in graph(*inputs.values())]
         assert relative_error(actual, expected) <= FP16_PARITY, name
+
+
+def test_tensorrt_plan_cache_is_verified_without_tensorrt(tmp_path, caplog):
+    """The plan cache the TensorRT backend uses (`cached_or_built`), with stand-ins for
+    TensorRT's builder and deserialiser: a plan is loaded only when it matches its recorded
+    sha256, and rebuilt otherwise."""
+    plan_path = tmp_path / "decode-0123456789abcdef.plan"
+    built: list[bytes] = []
+    loaded: list[bytes] = []
+    unloadable: set[bytes] = set()  # plans "another TensorRT" built
+
+    def build() -> bytes:
+        built.append(f"plan {len(built)}".encode())
+        return built[-1]
+
+    def load(plan: bytes) -> str | None:
+        loaded.append(plan)
+        return None if plan in unloadable else plan.decode()
+
+    def open_plan() -> str:
+        return cached_or_built(plan_path, build, load)
+
+    assert open_plan() == "plan 0" and open_plan() == "plan 0" and len(built) == 1  # cached
+    flip_a_byte(plan_path)
+    with caplog.at_level(logging.WARNING, logger="rtnf.engine"):
+        assert open_plan() == "plan 1"
+    assert "does not match its recorded sha256" in caplog.text
+    digest_path(plan_path).unlink()
+    assert open_plan() == "plan 2" and "has no recorded sha256" in caplog.text
+    assert set(loaded) <= set(built)  # a damaged plan never reached the deserialiser
+    unloadable.add(b"plan 2")
+    assert open_plan() == "plan 3" and open_plan() == "plan 3" and len(built) == 4
+    unloadable.add(b"plan 4")
+    plan_path.unlink()
+    with pytest.raises(EngineError, match="TensorRT built decode-0123456789abcdef.plan but "
+                                          "cannot load it"):
+        open_plan()
 
 
 @pytest.mark.skipif(tensorrt_unavailable() is not None, reason="needs an NVIDIA GPU + TensorRT")

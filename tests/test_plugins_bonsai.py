@@ -665,7 +665,8 @@ def test_the_readme_parse_settings_read_every_topic_of_a_real_sink(context):
         assert f"| `{topic}` |" in readme and documented in readme, topic
     the_layout = layout(("speed", "gaze_phi", "gaze_theta"))
     sink = ZmqSink(the_layout, ZmqOutputConfig(address="tcp://127.0.0.1:*"), context)
-    counters = {"windows": 9, "skipped": 1, "late_spikes": 0, "rejected": 2, "reconnects": 0}
+    counters = {"windows": 9, "skipped": 1, "late_spikes": 0, "rejected": 2, "reconnects": 0,
+                "engine_errors": 4, "engine_skipped": 3}
     sample = TelemetrySample(7, 1234.85, {"ingest": 0.1, "infer": 3.5}, 4.25, counters)
     try:
         subscriber = joined_subscriber(context, sink, 3)
@@ -689,9 +690,10 @@ def test_the_readme_parse_settings_read_every_topic_of_a_real_sink(context):
     assert len(telemetry) == 3 + len(STAGES) + len(counters)
     assert telemetry[2] == 4.25 and telemetry[2 + 1 + STAGES.index("infer")] == 3.5
     assert math.isnan(telemetry[2 + 1 + STAGES.index("close")])  # not measured: NaN
-    assert telemetry[-5:] == [9.0, 1.0, 0.0, 2.0, 0.0]
+    assert telemetry[-len(counters):] == [9.0, 1.0, 0.0, 2.0, 0.0, 4.0, 3.0]
     with pytest.raises(ParseError):  # the long line has more fields than a tuple can hold
-        bonsai_parse(",".join(["%i", "%d"] + ["%d"] * 6 + ["%i"] * 5), received["telemetry"])
+        bonsai_parse(",".join(["%i", "%d"] + ["%d"] * 6 + ["%i"] * len(counters)),
+                     received["telemetry"])
 
 
 def contrast_for_commands(bonsai: Bonsai, parse_graph: Graph, parse_index: int) -> dict:

@@ -4,6 +4,8 @@ itself against a real LSL stream."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import psutil
@@ -23,6 +25,7 @@ from rtnf.rt.run import output_layout
 from rtnf.errors import RtnfError
 from rtnf.rt.priority import apply_process_settings
 from rtnf.rt.telemetry import Histogram, LiveView, Telemetry
+from rtnf.stream.sinks import TELEMETRY_COUNTERS
 from rtnf.stream.window_output import STAGES
 from rtnf.tokens import TokenSpec, window_ends
 from rtnf.train.calibrate import predict
@@ -168,11 +171,53 @@ def test_live_view_shows_decoded_values_latency_and_counters():
     telemetry = Telemetry(0.05, ("speed", "gaze_phi"))
     telemetry.window({stage: 0.5 for stage in STAGES}, 1.5, np.array([12.5, -3.25]))
     telemetry.reject("unknown unit", 3)
-    console = Console(file=io.StringIO(), width=160)
+    telemetry.counters.update(engine_errors=4, engine_skipped=2)
+    console = Console(file=io.StringIO(), width=200)
     console.print(LiveView(telemetry, "rtnf run: test")._table())
     shown = console.file.getvalue()
-    for text in ("speed", "12.50", "-3.25", "p50 1.", "windows 1", "unknown unit: 3"):
+    for text in ("speed", "12.50", "-3.25", "p50 1.", "windows 1", "unknown unit: 3",
+                 "engine_errors 4", "engine_skipped 2"):
         assert text in shown, shown
+
+
+def test_the_telemetry_stream_carries_every_declared_counter():
+    """What the loop hands the sinks is exactly the counters their channels declare,
+    the engine's failures included."""
+    telemetry = Telemetry(0.05, ("speed",))
+    telemetry.window({stage: 0.5 for stage in STAGES}, 1.5, np.array([1.0]))
+    telemetry.counters.update(late_spikes=5, reconnects=1, engine_errors=3, engine_skipped=2,
+                              truncated_spikes=9)
+    telemetry.reject("unknown unit", 3)
+    telemetry.reject("not finite", 1)
+    assert telemetry.counter_values() == {
+        "windows": 1, "skipped": 0, "late_spikes": 5, "rejected": 4, "reconnects": 1,
+        "engine_errors": 3, "engine_skipped": 2}
+    assert tuple(telemetry.counter_values()) == TELEMETRY_COUNTERS
+
+
+# The handler's moment of danger, made certain: the main thread holds the event's lock, as it
+# does inside stop.wait(); a handler that called stop.set() itself would wait for it forever.
+SIGNAL_INSIDE_WAIT = """
+import signal, sys, threading
+from rtnf.rt.stop_signals import stop_on_signals
+sig = getattr(signal, sys.argv[1])
+previous = signal.getsignal(sig)
+stop = threading.Event()
+with stop_on_signals(stop):
+    with stop._cond:
+        signal.raise_signal(sig)
+    print("stopped" if stop.wait(10) else "not stopped")
+print("restored" if signal.getsignal(sig) is previous else "not restored")
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_inside_the_events_wait_sets_it_without_deadlock(name):
+    """`rtnf run` and the overload benchmark's load generator stop this way."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_INSIDE_WAIT, name],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["stopped", "restored"]
 
 
 def test_the_window_grid_is_placed_before_steady_arrivals(bundle, session):

@@ -13,6 +13,12 @@
   then treats the message as a protocol error and closes the connection WITHOUT reconnecting:
   a source that sets the option must notice the disconnect and connect again, which the first
   test checks.)
+- memory limits: a real ZeroMQ publisher flooding a `ZmqSource` that is not polled fills its
+  queue to its byte budget and no further (ZeroMQ's RCVHWM x MAXMSGSIZE within it too), every
+  message beyond counted, and the source goes on; a real LSL outlet declaring more channels
+  than rtnf takes for its kind, a string format or more data than an inlet may buffer is
+  refused with one line naming it, the value and the limit, before any inlet exists; an
+  accepted one buffers as long as fits in the budget (and delivers).
 
 A bundle whose files were modified is refused: tests/test_bundle.py
 (test_damaged_bundle_is_refused_naming_the_file, test_edited_hash_in_manifest_is_refused).
@@ -27,6 +33,8 @@ import ipaddress
 import itertools
 import re
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +45,14 @@ import yaml
 import zmq
 
 import rtnf
-from rtnf.config import Config, default_config_text
+from rtnf.config import Config, LslSourceConfig, SourceConfig, default_config_text
+from rtnf.errors import RtnfError
+from rtnf.stream.handover import QUEUE_FULL
 from rtnf.stream.lslconfig import configure_lsl, import_pylsl
 from rtnf.stream.openephys import OpenEphysSource, encode_spike_event
 from rtnf.stream.sim_stream import stream_session
-from rtnf.stream.sources import ZmqSource
-from rtnf.stream.zmq_messages import encode_spikes
+from rtnf.stream.sources import LSL_BUFFER_BYTES, LSL_RESERVE_S, LslSource, ZmqSource
+from rtnf.stream.zmq_messages import HEADER, encode_spikes
 
 PACKAGE = Path(rtnf.__file__).parent
 ROOT_CONFIG = PACKAGE.parent / "rtnf.yaml"
@@ -348,3 +358,156 @@ def test_sub_sockets_limit_message_size_in_zeromq(case: Case):
         assert LIMIT <= source.socket.getsockopt(zmq.MAXMSGSIZE) <= 2 * LIMIT
     finally:
         source.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory limits: what a source holds, whatever its input sends or declares
+# ---------------------------------------------------------------------------------------------
+
+QUEUE_LIMIT = 64 << 10  # bytes: the ZmqSource's max_queued_bytes here
+SPIKES_PER_MESSAGE = (LIMIT - HEADER.size) // 12  # a binary spike message just under LIMIT
+
+
+def _flood(clock: Callable[[], float], count: int) -> list[list[bytes]]:
+    """`count` binary spike messages of SPIKES_PER_MESSAGE spikes each, in time order."""
+    rng = np.random.default_rng(0)
+    start = clock()
+    return [[b"spikes", encode_spikes(start + 1e-4 * np.arange(k * SPIKES_PER_MESSAGE,
+                                                               (k + 1) * SPIKES_PER_MESSAGE),
+                                      rng.integers(0, 50, SPIKES_PER_MESSAGE))]
+            for k in range(count)]
+
+
+def test_a_zeromq_flood_is_held_within_the_byte_budget_and_the_rest_is_counted():
+    context = zmq.Context.instance()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    publisher.setsockopt(zmq.SNDHWM, 0)  # the publisher queues everything: only rtnf drops
+    publisher.bind("tcp://127.0.0.1:0")
+    address = publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    source = ZmqSource(address, ["spikes"], max_message_bytes=LIMIT, max_queued_bytes=QUEUE_LIMIT)
+    valid = zmq_case(address, time.monotonic)[1]
+    try:
+        _until_valid_arrives(publisher, source, valid)
+        while source.poll(0.1):  # every probe taken: the queue is empty
+            pass
+        flood = _flood(time.monotonic, 400)
+        size = sum(len(part) for part in flood[0])
+        assert LIMIT - 12 < size <= LIMIT + len(b"spikes")
+        for message in flood:
+            publisher.send_multipart(message)
+        fits = QUEUE_LIMIT // size
+        queue = source.subscriber.queue
+        deadline = time.monotonic() + 10.0
+        while source.rejected[QUEUE_FULL] + queue.queued_bytes // size < len(flood):
+            assert time.monotonic() < deadline, "the flood did not get through"
+            time.sleep(0.01)
+        assert queue.queued_bytes == fits * size <= QUEUE_LIMIT  # never beyond the budget
+        assert source.rejected == Counter({QUEUE_FULL: len(flood) - fits})
+        hwm, largest = (source.socket.getsockopt(option) for option in (zmq.RCVHWM,
+                                                                        zmq.MAXMSGSIZE))
+        assert 1 <= hwm and hwm * largest <= QUEUE_LIMIT  # ZeroMQ's own queue: the same bound
+        delivered = source.poll(0.0)
+        assert sum(len(batch.records) for batch in delivered) == fits * SPIKES_PER_MESSAGE
+        assert queue.queued_bytes == 0
+        _until_valid_arrives(publisher, source, valid)  # and the source goes on
+    finally:
+        source.close()
+        publisher.close()
+
+
+def test_a_zeromq_source_refuses_a_message_limit_beyond_its_queue():
+    with pytest.raises(RtnfError, match="messages of up to 2048 bytes .* do not fit its queue "
+                                        "of 1024 bytes"):
+        ZmqSource("tcp://127.0.0.1:9", ["spikes"], max_message_bytes=2048, max_queued_bytes=1024)
+
+
+@pytest.fixture(scope="module")
+def pylsl():
+    return import_pylsl("loopback")
+
+
+@pytest.fixture
+def inlets(pylsl, monkeypatch) -> list[dict]:
+    """The keyword arguments of every StreamInlet created during the test."""
+    created, real = [], pylsl.StreamInlet
+
+    def spy(*args, **kwargs):
+        created.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pylsl, "StreamInlet", spy)
+    return created
+
+
+def _outlet(pylsl, channels: int, rate: float, channel_format: str,
+            frame: tuple[int, int] | None = None, labels: tuple[str, ...] = ()):
+    """A real outlet on loopback under a fresh name, and the SourceConfig that finds it."""
+    name = f"rtnf-test-{uuid.uuid4().hex[:8]}"
+    info = pylsl.StreamInfo(name, "Test", channels, rate, getattr(pylsl, channel_format), name)
+    if frame is not None:
+        described = info.desc().append_child("frame")
+        described.append_child_value("height", str(frame[0]))
+        described.append_child_value("width", str(frame[1]))
+    described = info.desc().append_child("channels")
+    for label in labels:
+        described.append_child("channel").append_child_value("label", label)
+    return pylsl.StreamOutlet(info), SourceConfig(lsl=LslSourceConfig(name=name, type=""))
+
+
+@pytest.mark.parametrize("kind, channels, rate, channel_format, frame, complaint", [
+    ("spikes", 3, 0.0, "cf_int32", None, "declares 3 channels; rtnf takes 1 to 2 for spikes"),
+    ("behavior", 257, 100.0, "cf_float32", None,
+     "declares 257 channels; rtnf takes 1 to 256 for behavior"),
+    ("spikes", 1, 0.0, "cf_string", None, ("declares channel format cf_string; rtnf takes "
+                                           "numbers (cf_float32, cf_double64, cf_int32, "
+                                           "cf_int16, cf_int8, cf_int64)")),
+    ("frames", 512 * 512, 0.0, "cf_int16", (512, 512),  # (128 reserved + 100) x 512 KiB
+     ("declares samples of 524288 bytes at 0 Hz: 114 MiB to buffer; rtnf buffers at most "
+      "64 MiB per stream")),
+])
+def test_an_lsl_stream_declaring_too_much_is_refused_before_any_inlet(
+        pylsl, inlets, kind, channels, rate, channel_format, frame, complaint):
+    outlet, config = _outlet(pylsl, channels, rate, channel_format, frame)
+    with pytest.raises(RtnfError) as refused:
+        LslSource(kind, config, pylsl)
+    assert str(refused.value) == f"LSL stream lsl:{config.lsl.name} {complaint}"
+    assert inlets == [] and not outlet.have_consumers()
+
+
+def test_an_lsl_inlet_buffers_as_long_as_fits_in_its_budget_and_still_delivers(pylsl, inlets):
+    height, width, rate = 64, 64, 30.0  # int16 pixels: 8 KiB a frame
+    outlet, config = _outlet(pylsl, height * width, rate, "cf_int16", frame=(height, width))
+    source = LslSource("frames", config, pylsl)
+    try:
+        (kwargs,) = inlets
+        assert kwargs["max_chunklen"] == 0
+
+        def buffered(seconds: int) -> float:  # liblsl's reserve and queue, in bytes
+            return (LSL_RESERVE_S + seconds) * rate * height * width * 2
+
+        assert buffered(kwargs["max_buflen"]) <= LSL_BUFFER_BYTES < buffered(
+            kwargs["max_buflen"] + 1)
+        assert outlet.wait_for_consumers(5)
+        pixels = np.random.default_rng(1).integers(0, 256, (height, width))
+        outlet.push_sample(pixels.ravel().tolist(), pylsl.local_clock())
+        deadline, frames = time.monotonic() + 5.0, []
+        while not frames:
+            assert time.monotonic() < deadline, "no frame arrived"
+            frames = source.poll(0.05)
+    finally:
+        source.close()
+    np.testing.assert_array_equal(frames[0].records, pixels[None])
+
+
+def test_an_lsl_frame_size_that_is_not_positive_is_refused(pylsl):
+    _, config = _outlet(pylsl, 4, 0.0, "cf_int16", frame=(-2, -2))
+    with pytest.raises(RtnfError, match="frame -2x-2 does not match its 4 channels"):
+        LslSource("frames", config, pylsl)
+
+
+def test_behaviour_labels_beyond_the_declared_channels_are_ignored(pylsl):
+    _, config = _outlet(pylsl, 1, 0.0, "cf_float32", labels=("gaze_phi", "speed"))
+    source = LslSource("behavior", config, pylsl)
+    source.close()
+    assert source.behavior_columns == [None, 0, None]  # speed: described, but not sent

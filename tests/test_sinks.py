@@ -50,7 +50,7 @@ def telemetry(sequence: int) -> TelemetrySample:
     return TelemetrySample(sequence=sequence, window_end=1000.0 + sequence * 0.05,
                            stage_ms=stages, latency_ms=3.5,
                            counters={"windows": sequence + 1, "skipped": 2, "rejected": 7,
-                                     "unrelated": 99})
+                                     "engine_errors": 3, "unrelated": 99})
 
 
 def expected_telemetry_counters(sample: TelemetrySample) -> list[int]:

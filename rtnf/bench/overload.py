@@ -34,7 +34,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +53,7 @@ from rtnf.data.io import read_session, write_session
 from rtnf.errors import RtnfError
 from rtnf.rt.closed_loop import START_TIMEOUT_S, run_against_simulated_rig
 from rtnf.rt.recorder import read_run
+from rtnf.rt.stop_signals import stop_on_signals
 from rtnf.stream.lslconfig import import_pylsl
 from rtnf.stream.receiver import ReceivedOutputs
 
@@ -164,7 +164,7 @@ def schedule_phases(phases: list[Phase], start: float) -> list[dict[str, Any]]:
 def generate_load(plan: dict[str, Any]) -> None:
     """The generator's life: stream spikes at once (rtnf run resolves the stream when it
     starts), wait for rtnf's outputs, then play the schedule and keep streaming until
-    SIGTERM."""
+    SIGTERM (or SIGINT) stops the streamer."""
     pylsl = import_pylsl()  # the LSL configuration inherited from the parent (loopback)
     session = read_session(plan["session"])
     info = pylsl.StreamInfo(LOAD_STREAM, "Spikes", 1, pylsl.IRREGULAR_RATE, pylsl.cf_int32,
@@ -173,23 +173,23 @@ def generate_load(plan: dict[str, Any]) -> None:
                              session.spike_times - session.start_time,
                              session.unit_ids[session.spike_unit_index], session.unit_ids,
                              session.duration)
-    signal.signal(signal.SIGTERM, lambda *_: streamer.stop.set())
-    streamer.start()
-    print("streaming", flush=True)
-    if not pylsl.resolve_bypred(f"name='{plan['decoded']}'", 1, START_TIMEOUT_S):
-        raise RtnfError(f"{plan['decoded']} did not appear within {START_TIMEOUT_S:g} s")
-    schedule = schedule_phases([Phase(**p) for p in plan["phases"]],
-                               pylsl.local_clock() + plan["warmup_s"])
-    Path(plan["schedule"]).write_text(json.dumps(schedule, indent=1))
-    for phase in schedule:
-        if streamer.stop.wait(max(0.0, phase["start"] - pylsl.local_clock())):
-            break
-        hogs = busy_cores(phase["seconds"] + 1.0) if phase["contention"] else []
-        streamer.factor = phase["multiplier"]
-        streamer.stop.wait(max(0.0, phase["end"] - pylsl.local_clock()))
-        streamer.factor = 1
-        stop_all(hogs)
-    streamer.join()
+    with stop_on_signals(streamer.stop):
+        streamer.start()
+        print("streaming", flush=True)
+        if not pylsl.resolve_bypred(f"name='{plan['decoded']}'", 1, START_TIMEOUT_S):
+            raise RtnfError(f"{plan['decoded']} did not appear within {START_TIMEOUT_S:g} s")
+        schedule = schedule_phases([Phase(**p) for p in plan["phases"]],
+                                   pylsl.local_clock() + plan["warmup_s"])
+        Path(plan["schedule"]).write_text(json.dumps(schedule, indent=1))
+        for phase in schedule:
+            if streamer.stop.wait(max(0.0, phase["start"] - pylsl.local_clock())):
+                break
+            hogs = busy_cores(phase["seconds"] + 1.0) if phase["contention"] else []
+            streamer.factor = phase["multiplier"]
+            streamer.stop.wait(max(0.0, phase["end"] - pylsl.local_clock()))
+            streamer.factor = 1
+            stop_all(hogs)
+        streamer.join()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,12 @@
    plans, under engines/) and checked against the torch graphs on fresh random inputs.
 3. On a CPU, `auto` is settled by measurement: the window decode and one generation step run
    on ONNX Runtime and on torch, interleaved, and the faster (by the median decode, the call
-   every hop makes) is recorded in engines/ for this machine, so later starts reuse the choice.
+   every hop makes) is recorded in engines/ for this machine, with its sha256, so later starts
+   reuse the choice.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
@@ -28,7 +28,7 @@ from rtnf.config import EngineConfig
 from rtnf.engine.backend import Backend
 from rtnf.engine.export import OPSET, export_graph, relative_error
 from rtnf.engine.graphs import Graph, example_inputs, session_graphs
-from rtnf.engine.select import ENGINES_DIR, ONNX_DIR, cpu_choice_path, make_backend, resolve
+from rtnf.engine.select import ENGINES_DIR, ONNX_DIR, make_backend, resolve, write_cpu_choice
 from rtnf.model.checkpoint import WEIGHTS
 
 CHOICE_ROUNDS = 30
@@ -110,9 +110,7 @@ def compile_bundle(directory: str | Path, engine: EngineConfig, backend: str | N
         candidates = {name: make_backend(name, bundle, engine) for name in ("onnxruntime",
                                                                             "torch")}
         choice = measure_cpu_choice(candidates, graphs)
-        path = cpu_choice_path(bundle.directory, engine)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(choice, indent=2))
+        write_cpu_choice(bundle.directory, engine, choice)
         report["cpu_choice"] = choice
     name = resolve(requested, bundle, engine)
     built = make_backend(name, bundle, engine)

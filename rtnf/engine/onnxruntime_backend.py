@@ -4,7 +4,9 @@ Sessions run sequentially with `engine.threads` intra-op threads and one inter-o
 graph optimisations on, and thread spinning as `engine.spin` says (off is often better on a
 small machine, where spinning threads steal the core the loop needs). The optimised graph is
 saved under the bundle's engines/ directory, keyed by ONNX Runtime version and processor,
-since the optimiser's layout choices are specific to both; later starts load it directly.
+since the optimiser's layout choices are specific to both, with its sha256 beside it
+(`rtnf.engine.cache_integrity`); later starts load it directly once it matches that digest,
+and otherwise optimise the bundle's (verified) graph again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 
+from rtnf.engine.cache_integrity import read_verified, write_digest
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -24,7 +28,6 @@ class OnnxRuntimeBackend:
         import onnxruntime
 
         self.threads, self.spin = threads, spin
-        levels = onnxruntime.GraphOptimizationLevel
         self.sessions: dict[str, Any] = {}
         self.inputs: dict[str, list[str]] = {}
         self.outputs: dict[str, list[str]] = {}
@@ -33,27 +36,44 @@ class OnnxRuntimeBackend:
             cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cache_dir
         for name, path in models.items():
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-            options.add_session_config_entry("session.intra_op.allow_spinning",
-                                             "1" if spin else "0")
-            options.log_severity_level = 3  # errors only
-            source = Path(path)
             optimised = None if cache_dir is None else cache_dir / f"{name}.optimized.onnx"
-            if optimised is not None and optimised.is_file():
-                options.graph_optimization_level = levels.ORT_DISABLE_ALL
-                source = optimised
-            else:
-                options.graph_optimization_level = levels.ORT_ENABLE_ALL
-                if optimised is not None:
-                    options.optimized_model_filepath = str(optimised)
-            session = onnxruntime.InferenceSession(str(source), options,
-                                                   providers=["CPUExecutionProvider"])
+            session = self._session(Path(path), optimised)
             self.sessions[name] = session
             self.inputs[name] = [item.name for item in session.get_inputs()]
             self.outputs[name] = [item.name for item in session.get_outputs()]
+
+    def _options(self) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if self.spin else "0")
+        options.log_severity_level = 3  # errors only
+        return options
+
+    def _session(self, source: Path, optimised: Path | None) -> Any:
+        """A session on the verified optimised graph cached at `optimised`, or one that
+        optimises `source` and (when `optimised` is given) caches the result with its sha256."""
+        import onnxruntime
+
+        levels = onnxruntime.GraphOptimizationLevel
+        options = self._options()
+        cached = None if optimised is None else read_verified(optimised)
+        if cached is not None:  # the bytes checked are the bytes loaded
+            options.graph_optimization_level = levels.ORT_DISABLE_ALL
+            return onnxruntime.InferenceSession(cached, options,
+                                                providers=["CPUExecutionProvider"])
+        options.graph_optimization_level = levels.ORT_ENABLE_ALL
+        if optimised is not None:
+            options.optimized_model_filepath = str(optimised)
+        session = onnxruntime.InferenceSession(str(source), options,
+                                               providers=["CPUExecutionProvider"])
+        if optimised is not None:  # ONNX Runtime wrote it while creating the session
+            write_digest(optimised)
+        return session
 
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         feeds = {name: inputs[name].numpy() for name in self.inputs[graph]}

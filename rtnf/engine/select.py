@@ -6,7 +6,8 @@
 - `torch`: the CPU, or a CUDA GPU (static buffers and CUDA graphs).
 - `auto`: TensorRT on an NVIDIA GPU when it is installed, torch with CUDA graphs on a GPU without
   it; on a CPU, whichever of ONNX Runtime and torch `rtnf compile` measured faster on this
-  machine (engines/cpu-choice-*.json), else ONNX Runtime when the graphs are exported and ONNX
+  machine (engines/cpu-choice-*.json, used only when it matches the sha256 recorded beside it:
+  `rtnf.engine.cache_integrity`), else ONNX Runtime when the graphs are exported and ONNX
   Runtime is installed, else torch.
 """
 
@@ -17,12 +18,14 @@ import importlib.util
 import json
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rtnf.bundle import Bundle
 from rtnf.config import EngineConfig
 from rtnf.engine.backend import Backend
+from rtnf.engine.cache_integrity import read_verified, write_verified
 from rtnf.engine.graphs import session_graphs
 from rtnf.engine.runtime import Engine
 from rtnf.errors import EngineError
@@ -64,6 +67,21 @@ def cpu_choice_path(directory: Path, engine: EngineConfig) -> Path:
     return Path(directory) / ENGINES_DIR / f"cpu-choice-{key}.json"
 
 
+def write_cpu_choice(directory: Path, engine: EngineConfig, choice: dict[str, Any]) -> None:
+    """Record `rtnf compile`'s measured CPU choice (`chosen`: the backend) for this machine,
+    with its sha256."""
+    path = cpu_choice_path(directory, engine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_verified(path, json.dumps(choice, indent=2).encode())
+
+
+def recorded_cpu_choice(directory: Path, engine: EngineConfig) -> str | None:
+    """The CPU backend `rtnf compile` measured faster here, or None when none is recorded or
+    the record fails its sha256 check (then it is discarded, with a warning)."""
+    recorded = read_verified(cpu_choice_path(directory, engine))
+    return None if recorded is None else json.loads(recorded)["chosen"]
+
+
 def resolve(requested: str, bundle: Bundle, engine: EngineConfig) -> str:
     """The backend `requested` (or `auto`) means here; a clear error when it cannot run."""
     if requested == "tensorrt":
@@ -83,10 +101,7 @@ def resolve(requested: str, bundle: Bundle, engine: EngineConfig) -> str:
         return "tensorrt" if tensorrt_unavailable() is None and onnx_paths(bundle) else "torch"
     if _onnxruntime_unavailable(bundle):
         return "torch"
-    choice = cpu_choice_path(bundle.directory, engine)
-    if choice.is_file():
-        return json.loads(choice.read_text())["chosen"]
-    return "onnxruntime"
+    return recorded_cpu_choice(bundle.directory, engine) or "onnxruntime"
 
 
 def make_backend(name: str, bundle: Bundle, engine: EngineConfig) -> Backend:

@@ -4,7 +4,9 @@ For each graph: the ONNX file (converted to fp16 first when `engine.precision` i
 `rtnf.engine.tensorrt_plan`) is parsed with TensorRT's ONNX parser and built with one
 optimisation profile over its dynamic dimensions and a timing cache shared by the builds of
 this GPU and TensorRT version. The plan is cached under the bundle's engines/tensorrt/ by
-`plan_key`; a plan that no longer deserialises (another TensorRT, a corrupted file) is rebuilt.
+`plan_key`, and the fp16 graph and the timing cache beside it, each with its sha256
+(`rtnf.engine.cache_integrity`); a cached file that does not match its sha256, or a plan that no
+longer deserialises (another TensorRT), is rebuilt.
 
 Calls run on torch-owned device memory: inputs are copied to the GPU, outputs allocated at the
 shapes the execution context reports, every address set with `set_tensor_address`, and the
@@ -22,8 +24,10 @@ from typing import Any
 import torch
 
 from rtnf.engine.buckets import SPIKE_CHUNK, in_chunks, lengths
+from rtnf.engine.cache_integrity import read_verified, verified, write_digest, write_verified
 from rtnf.engine.graphs import Graph
-from rtnf.engine.tensorrt_plan import dimension_ranges, fp16_graph, plan_key, profile_shapes
+from rtnf.engine.tensorrt_plan import (cached_or_built, dimension_ranges, fp16_graph, plan_key,
+                                       profile_shapes)
 from rtnf.errors import EngineError
 
 WORKSPACE_BYTES = 1 << 30
@@ -73,23 +77,15 @@ class TensorRTBackend:
                        self.precision, profile)
         plan_path = self.directory / f"{name}-{key}.plan"
         self.plans[name] = plan_path.name
-        if plan_path.is_file():
-            engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
-            if engine is not None:
-                return engine
-        plan = self._build(onnx_path, profile)
-        temporary = plan_path.with_suffix(".partial")
-        temporary.write_bytes(plan)
-        temporary.replace(plan_path)
-        engine = self.runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise EngineError(f"TensorRT built {plan_path.name} but cannot load it")
-        return engine
+        return cached_or_built(plan_path, lambda: self._build(onnx_path, profile),
+                               self.runtime.deserialize_cuda_engine)
 
     def _fp16_copy(self, onnx_path: Path) -> Path:
         digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
         target = self.directory / f"{onnx_path.stem}-fp16-{digest}.onnx"
-        return target if target.is_file() else fp16_graph(onnx_path, target)
+        if not verified(target):
+            write_digest(fp16_graph(onnx_path, target))
+        return target
 
     def _build(self, onnx_path: Path, profile: dict[str, tuple]) -> bytes:
         trt = self.trt
@@ -108,14 +104,13 @@ class TensorRTBackend:
         for name, (low, typical, high) in profile.items():
             optimization.set_shape(name, low, typical, high)
         config.add_optimization_profile(optimization)
-        cached = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
-        timing = config.create_timing_cache(cached)
+        timing = config.create_timing_cache(read_verified(self.timing_cache) or b"")
         config.set_timing_cache(timing, False)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise EngineError(f"TensorRT could not build a plan from {onnx_path.name} "
                               f"(see the TensorRT messages above)")
-        self.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        write_verified(self.timing_cache, bytes(config.get_timing_cache().serialize()))
         return bytes(plan)
 
     # ----------------------------------------------------------------------------- running

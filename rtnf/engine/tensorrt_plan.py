@@ -12,21 +12,28 @@
 - Plans run only on the GPU model and TensorRT version that built them, so the cache key
   (`plan_key`) covers GPU name, compute capability, TensorRT version, the ONNX graph's hash,
   precision and profile; anything different is another key, hence a rebuild, never a crash.
+- A cached plan is used only when it matches the sha256 recorded beside it
+  (`rtnf.engine.cache_integrity`) and deserialises; otherwise it is rebuilt (`cached_or_built`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rtnf.engine.buckets import SPIKE_CHUNK
+from rtnf.engine.cache_integrity import read_verified, write_verified
+from rtnf.errors import EngineError
 from rtnf.model.spec import ModelDims
 
 FP32_OPS = ("LayerNormalization", "Softmax", "Add", "Sub", "ReduceSum", "ReduceMean", "Pow",
             "Sqrt", "Exp", "Log", "Erf", "Cos", "Sin", "Div", "Range", "Where", "Clip")
 FP16_PARITY = 1e-2  # stated bound for fp16 graphs against fp32 torch (relative, as in export)
 Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+Loaded = TypeVar("Loaded")  # what a plan deserialises to (a TensorRT ICudaEngine)
 
 
 def dimension_ranges(dims: ModelDims) -> dict[str, tuple[int, int, int]]:
@@ -102,3 +109,21 @@ def plan_key(gpu_name: str, compute_capability: tuple[int, int], tensorrt_versio
                                       for name, shapes in sorted(profile.items())}},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cached_or_built(plan_path: Path, build: Callable[[], bytes],
+                    load: Callable[[bytes], Loaded | None]) -> Loaded:
+    """`load` of the plan cached at `plan_path` when it matches its recorded sha256 and loads
+    (`load` gives None when it cannot: another TensorRT); otherwise of the plan `build` makes,
+    cached at `plan_path` with its sha256 first."""
+    cached = read_verified(plan_path)
+    if cached is not None:
+        loaded = load(cached)
+        if loaded is not None:
+            return loaded
+    plan = build()
+    write_verified(plan_path, plan)
+    loaded = load(plan)
+    if loaded is None:
+        raise EngineError(f"TensorRT built {plan_path.name} but cannot load it")
+    return loaded

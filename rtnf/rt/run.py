@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from rtnf import __version__
 from rtnf.bundle import load_bundle
@@ -37,6 +36,7 @@ from rtnf.rt.loop import LoopSettings, RealtimeLoop
 from rtnf.rt.priority import apply_process_settings
 from rtnf.rt.recorder import Recorder
 from rtnf.rt.rules import Rules
+from rtnf.rt.stop_signals import stop_on_signals
 from rtnf.rt.telemetry import LiveView
 from rtnf.stream.lslconfig import import_pylsl
 from rtnf.stream.sinks import open_sinks
@@ -114,30 +114,6 @@ def _check_sinks_of_rules(config: Config) -> None:
                                 f"({keys[sink]}); turn it on or remove it from the rule")
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM stop the loop cleanly (final flush and summary) instead of killing it;
-    only in the main thread, where Python delivers signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def request_stop(*_: object) -> None:
-        # Not stop.set() here: the handler runs in the main thread, which may be inside
-        # stop.wait() holding the event's (non-reentrant) lock; setting it from another thread
-        # cannot deadlock.
-        threading.Thread(target=stop.set, name="rtnf-stop", daemon=True).start()
-
-    for sig in previous:
-        signal.signal(sig, request_stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_closed_loop(config: Config, options: RunOptions,
                     on_started: Callable[[dict[str, Any]], None] | None = None
                     ) -> dict[str, Any]:
@@ -166,7 +142,7 @@ def run_closed_loop(config: Config, options: RunOptions,
             stack.callback(sink.close)
         # From the recording's start to its summary, SIGINT/SIGTERM only ask the loop to stop:
         # a signal during the final flush does not cut it short.
-        stack.enter_context(_stop_on_signals(stop))
+        stack.enter_context(stop_on_signals(stop))
         recorder = None
         run_dir = None
         if config.recording.enabled:

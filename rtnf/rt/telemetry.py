@@ -7,8 +7,10 @@
   input since the previous window; close: from the window end t_k until processing began, grace
   included; tokenize; infer; publish: rules, sinks and the recorder hand-off) and the latency
   (t_k to the outputs handed to the sinks); counters (windows, skipped, missed: latency over one
-  hop, late spikes, rejected inputs by reason, reconnects, truncated spikes); the latest decoded
-  values; `summary()` for `--json` and the exit report.
+  hop, late spikes, rejected inputs by reason, reconnects, truncated spikes, engine errors and
+  windows skipped while the engine fails); the latest decoded values; `counter_values()`, the
+  counters the telemetry stream carries (`rtnf.stream.sinks.TELEMETRY_COUNTERS`); `summary()`
+  for `--json` and the exit report.
 - `LiveView`: a rich table redrawn a few times a second from its own thread (decoded values,
   latency p50/p99, stage times, counters); the loop never waits for it.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rtnf.stream.sinks import TELEMETRY_COUNTERS
 from rtnf.stream.window_output import STAGES
 
 BINS_PER_DECADE = 40
@@ -82,11 +85,10 @@ class Telemetry:
         self.rejected[reason] += count
 
     def counter_values(self) -> dict[str, int]:
-        """The counters the telemetry stream carries."""
-        return {"windows": self.counters["windows"], "skipped": self.counters["skipped"],
-                "late_spikes": self.counters["late_spikes"],
-                "rejected": sum(self.rejected.values()),
-                "reconnects": self.counters["reconnects"]}
+        """The counters the telemetry stream carries (TELEMETRY_COUNTERS, in that order);
+        `rejected` sums the rejections of every reason."""
+        return {name: sum(self.rejected.values()) if name == "rejected" else self.counters[name]
+                for name in TELEMETRY_COUNTERS}
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -247,7 +247,7 @@ class OpenEphysSource:
         self.restarts = 0  # acquisition restarts seen (sample numbers jumping back)
         self.streams: dict[str, _StreamClock] = {}
         self.subscriber = Subscriber(address, [b""], max_message_bytes, ZMQ_HIGH_WATER_MARK,
-                                     context)
+                                     context, rejected=self.rejected)
         self.socket = self.subscriber.socket
 
     def poll(self, timeout: float) -> list[Batch]:

@@ -21,8 +21,9 @@ latency is its `pylsl.local_clock()` at arrival minus the sample's timestamp:
                         (expected spikes in [t_k, t_k + window))
     <prefix>-control    type Markers,   string, irregular: command, rule, sequence (as text)
     <prefix>-telemetry  type Telemetry, double64, rate 1/hop: sequence, latency_ms, <stage>_ms
-                        for each of STAGES (NaN if not measured), then the counters windows,
-                        skipped, late_spikes, rejected, reconnects (0 if absent)
+                        for each of STAGES (NaN if not measured), then the counters
+                        TELEMETRY_COUNTERS: windows, skipped, late_spikes, rejected,
+                        reconnects, engine_errors, engine_skipped (0 if absent)
 
 Labels, units and types are in desc/channels/channel/{label,unit,type}; desc/rtnf holds the hop
 and the prediction window in seconds and the rig's name.
@@ -36,7 +37,7 @@ outputs.zmq.address sends two-frame messages [topic, payload] on the topics `dec
     predicted  seq,window_end,<count 1>,...,<count N>       (OutputLayout.unit_ids order)
     control    seq,window_end,command,rule
     telemetry  seq,window_end,latency_ms,ingest_ms,close_ms,tokenize_ms,infer_ms,publish_ms,
-               windows,skipped,late_spikes,rejected,reconnects
+               windows,skipped,late_spikes,rejected,reconnects,engine_errors,engine_skipped
   seq and the counters are integers; window_end is seconds on the stream clock written with
   '%.6f'; the other values use '%.6g', with NaN, Infinity and -Infinity spelled as .NET parses
   them. A Bonsai workflow reads them with Subscriber -> Last -> ConvertToString -> Parse, e.g.
@@ -49,7 +50,7 @@ outputs.zmq.address sends two-frame messages [topic, payload] on the topics `dec
     control    {"seq": int, "t": float, "command": str, "rule": str}
     telemetry  {"seq": int, "t": float, "latency_ms": float,
                 "stages": {stage: ms for each of STAGES, NaN if not measured},
-                "counters": {name: int for windows, skipped, late_spikes, rejected, reconnects}}
+                "counters": {name: int for each of TELEMETRY_COUNTERS}}
 
   Each subscriber has a queue of outputs.zmq.high_water_mark messages. When a subscriber's queue
   is full the message is dropped (for every subscriber: the socket runs with ZMQ_XPUB_NODROP so
@@ -81,7 +82,10 @@ from rtnf.errors import RtnfError
 from rtnf.stream.lslconfig import import_pylsl
 from rtnf.stream.window_output import STAGES, Command, OutputLayout, TelemetrySample, WindowOutput
 
-TELEMETRY_COUNTERS = ("windows", "skipped", "late_spikes", "rejected", "reconnects")
+# The running counters every telemetry sample carries, in this order (new ones go at the end:
+# receivers read them by position); `Telemetry.counter_values` gives exactly these.
+TELEMETRY_COUNTERS = ("windows", "skipped", "late_spikes", "rejected", "reconnects",
+                      "engine_errors", "engine_skipped")
 SERIAL_REOPEN_INTERVAL_S = 1.0
 APP_PORT_SOFT_CODES = range(256)  # one byte on the App port
 NET_PORT_SOFT_CODES = range(1, 10)  # pybpod reads one digit and sends soft code k - 1

@@ -19,12 +19,19 @@ knows the bundle's units).
   has `recover` on and clock synchronisation on, so timestamps are mapped onto this machine's
   clock (`time_correction`), and an outlet that vanishes and comes back (same source id) is
   re-attached. liblsl blocks every pull for a second or two while it re-attaches, so each inlet
-  is read by its own thread, which hands chunks over through a bounded queue. Spike streams have one int channel (unit id) or two (channel, unit: RIGS.md);
-  behaviour channels are matched by the labels in the stream description; frames are reshaped
-  with the description's height and width.
+  is read by its own thread, which hands chunks over through a queue bounded in bytes
+  (`rtnf.stream.handover`). Spike streams have one int channel (unit id) or two (channel, unit:
+  RIGS.md); behaviour channels are matched by the labels in the stream description; frames are
+  reshaped with the description's height and width.
+  liblsl sizes an inlet's buffers by what the stream declares, so before any inlet exists the
+  stream's channel count (`LSL_MAX_CHANNELS` per kind), value format (numbers) and nominal rate
+  are checked, and `max_buflen` is what fits in `LSL_BUFFER_BYTES` (64 MiB) with liblsl's
+  up-front reserve (at most `LSL_MAX_BUFLEN_S`); a stream beyond them is refused (RtnfError
+  naming it, the declared value and the limit).
 - ZeroMQ (`ZmqSource`): a SUB socket connects to the publisher's address and takes rtnf's
   messages, binary or CSV text (`rtnf.stream.zmq_messages`); ZeroMQ reconnects by itself when
-  a publisher goes away and another binds the address.
+  a publisher goes away and another binds the address. What waits to be polled is bounded in
+  messages and bytes (`rtnf.stream.subscriber`); beyond that, messages are dropped and counted.
 - Open Ephys (`rtnf.stream.openephys.OpenEphysSource`): sorted spikes from the GUI's ZMQ
   Interface plugin, its sample clock mapped onto this machine's clock.
 - Replay and simulator (`rtnf.stream.replay.ReplaySource`): a session file, or a session
@@ -33,7 +40,7 @@ knows the bundle's units).
 
 from __future__ import annotations
 
-import queue
+import math
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -45,8 +52,9 @@ import numpy as np
 from rtnf.config import RigConfig, SimulationConfig, SourceConfig
 from rtnf.data.session import Session
 from rtnf.errors import RtnfError
+from rtnf.stream.handover import QUEUE_FULL, HandOver
 from rtnf.stream.lslconfig import import_pylsl
-from rtnf.stream.subscriber import Subscriber
+from rtnf.stream.subscriber import QUEUE_BYTES, Subscriber
 from rtnf.stream.zmq_messages import (
     BEHAVIOR_CHANNELS,
     DEFAULT_MAX_BYTES,
@@ -62,10 +70,19 @@ from rtnf.stream.zmq_messages import (
 KINDS = ("spikes", "behavior", "frames")
 SOURCE_KINDS = ("lsl", "zmq", "openephys", "replay", "sim", "none")
 RESOLVE_TIMEOUT_S = 5.0
-MAX_CHUNK = 100_000  # samples taken from an LSL inlet at once
-LSL_QUEUED_CHUNKS = 10_000  # chunks an LSL reader thread hands over before its stream stalls
+LSL_QUEUED_CHUNKS = 10_000  # chunks an LSL reader thread hands over before it drops (counted)
 LSL_READ_WAIT_S = 0.1  # an LSL reader thread's longest wait, so it notices a close promptly
-ZMQ_HIGH_WATER_MARK = 100_000  # messages queued before ZeroMQ drops (a capture must not lose any)
+# What an LSL stream may declare: spikes (unit) or (channel, unit); behaviour, labelled
+# channels; frames, height x width pixels.
+LSL_MAX_CHANNELS = {"spikes": 2, "behavior": 256, "frames": 4096 * 4096}
+LSL_VALUE_BYTES = {"cf_float32": 4, "cf_double64": 8, "cf_int32": 4, "cf_int16": 2, "cf_int8": 1,
+                   "cf_int64": 8}  # the numeric formats (a string stream is refused)
+LSL_BUFFER_BYTES = 64 << 20  # what one inlet may buffer in liblsl, and again in its hand-over
+LSL_MAX_BUFLEN_S = 360  # liblsl's default max_buflen: the longest an inlet buffers
+# liblsl buffers max_buflen x rate samples, or max_buflen x 100 when the rate is irregular, and
+# reserves 5 s of samples up front, or 128 samples (its [tuning] defaults).
+LSL_IRREGULAR_SAMPLES_PER_S, LSL_RESERVE_S, LSL_IRREGULAR_RESERVE = 100, 5.0, 128
+ZMQ_HIGH_WATER_MARK = 100_000  # messages a ZeroMQ source queues (a capture must not lose any)
 MAX_MESSAGES_PER_POLL = 10_000  # a flooding publisher cannot hold poll() for long
 
 
@@ -140,6 +157,57 @@ def _checked_records(kind: str, records: np.ndarray) -> tuple[np.ndarray, np.nda
     return images, valid, "frame pixels outside 0..255"
 
 
+@dataclass(frozen=True)
+class InletSize:
+    """What an LSL inlet buffers: liblsl's `max_buflen` (seconds, or hundreds of samples when
+    the rate is irregular) and the samples that makes (also the most one pull takes)."""
+
+    max_buflen: int
+    samples: int
+
+
+def inlet_size(kind: str, name: str, info, pylsl: ModuleType) -> InletSize:
+    """The buffer of an inlet on the resolved stream `info` of `kind`: as long as fits in
+    LSL_BUFFER_BYTES beside liblsl's reserve, at most LSL_MAX_BUFLEN_S. Checked before any inlet
+    exists, as liblsl allocates by what the stream declares: RtnfError (naming the stream, what
+    it declares and the limit) for a stream beyond rtnf's limits."""
+    sample_bytes, rate = _declared_sample(kind, name, info, pylsl)
+    per_buflen, reserve = ((rate, LSL_RESERVE_S * rate) if rate else
+                           (LSL_IRREGULAR_SAMPLES_PER_S, LSL_IRREGULAR_RESERVE))
+    max_buflen = min(LSL_MAX_BUFLEN_S,
+                     int((LSL_BUFFER_BYTES // sample_bytes - reserve) // per_buflen))
+    if max_buflen < 1:
+        needed = sample_bytes * (reserve + per_buflen) / 2**20
+        raise RtnfError(f"LSL stream {name} declares samples of {sample_bytes} bytes at "
+                        f"{rate:g} Hz: {needed:.0f} MiB to buffer; rtnf buffers at most "
+                        f"{LSL_BUFFER_BYTES >> 20} MiB per stream")
+    return InletSize(max_buflen, max(1, int(max_buflen * per_buflen)))
+
+
+def _declared_sample(kind: str, name: str, info, pylsl: ModuleType) -> tuple[int, float]:
+    """The stream's sample size in bytes and nominal rate (0: irregular), once its channel
+    count, channel format and rate are checked."""
+    channels, rate = info.channel_count(), info.nominal_srate()
+    limit = LSL_MAX_CHANNELS[kind]
+    if not 1 <= channels <= limit:
+        raise RtnfError(f"LSL stream {name} declares {channels} channels; rtnf takes 1 to "
+                        f"{limit} for {kind}")
+    channel_format = _format_name(info.channel_format(), pylsl)
+    if channel_format not in LSL_VALUE_BYTES:
+        raise RtnfError(f"LSL stream {name} declares channel format {channel_format}; rtnf "
+                        f"takes numbers ({', '.join(LSL_VALUE_BYTES)})")
+    if not (math.isfinite(rate) and rate >= 0):
+        raise RtnfError(f"LSL stream {name} declares a nominal rate of {rate} Hz; rtnf takes 0 "
+                        "(irregular) or a positive rate")
+    return channels * LSL_VALUE_BYTES[channel_format], rate
+
+
+def _format_name(channel_format: int, pylsl: ModuleType) -> str:
+    """pylsl's name of a channel format (cf_float32, ...)."""
+    names = {getattr(pylsl, name): name for name in (*LSL_VALUE_BYTES, "cf_string")}
+    return names.get(channel_format, f"#{channel_format}")
+
+
 class LslSource:
     """One LSL stream of the rig (spikes, behaviour or frames)."""
 
@@ -159,19 +227,23 @@ class LslSource:
                             f"{resolve_timeout:g} s; is the rig streaming, and does "
                             f"rig.lsl.config let rtnf see it?")
         self.name = f"lsl:{wanted.name}"
+        self.size = inlet_size(kind, self.name, found[0], pylsl)
+        self.channels = found[0].channel_count()  # what liblsl reads samples by
         # Timestamps mapped onto this machine's clock, and kept in order when a new clock-offset
-        # estimate jumps back by a fraction of a millisecond.
+        # estimate jumps back by a fraction of a millisecond. max_chunklen stays 0: it only
+        # tells the outlet how to group samples on the wire (a nonzero one would hold samples
+        # back until a chunk fills) and allocates nothing here.
         flags = pylsl.proc_clocksync | pylsl.proc_monotonize
-        self.inlet = pylsl.StreamInlet(found[0], max_buflen=360, recover=True,
-                                       processing_flags=flags)
+        self.inlet = pylsl.StreamInlet(found[0], max_buflen=self.size.max_buflen,
+                                       max_chunklen=0, recover=True, processing_flags=flags)
         info = self.inlet.info(resolve_timeout)
-        self.channels = info.channel_count()
         self.behavior_columns = self._behavior_columns(info) if kind == "behavior" else None
         self.frame_shape = self._frame_shape(info) if kind == "frames" else None
         self.inlet.open_stream(resolve_timeout)
         # liblsl blocks every pull for a second or two while it re-attaches to a restarted
         # outlet, so the inlet is read by its own thread and `poll` never touches it.
-        self.chunks: queue.Queue = queue.Queue(maxsize=LSL_QUEUED_CHUNKS)
+        self.chunks: HandOver[tuple[np.ndarray, np.ndarray]] = HandOver(LSL_QUEUED_CHUNKS,
+                                                                        LSL_BUFFER_BYTES)
         self.stopping = threading.Event()
         self.reader = threading.Thread(target=self._read, name=f"rtnf-{self.name}", daemon=True)
         self.reader.start()
@@ -186,7 +258,7 @@ class LslSource:
 
     def _behavior_columns(self, info) -> list[int | None]:
         """For each of BEHAVIOR_CHANNELS, the stream's column holding it (None: absent)."""
-        labels = self._labels(info)
+        labels = self._labels(info)[:self.channels]  # a description may list more than it has
         if not labels:  # undescribed: the channels are taken to be in rtnf's order
             labels = list(BEHAVIOR_CHANNELS[:self.channels])
         columns = [labels.index(name) if name in labels else None for name in BEHAVIOR_CHANNELS]
@@ -202,7 +274,7 @@ class LslSource:
         except ValueError:
             raise RtnfError(f"LSL stream {self.name} does not describe its frame size "
                             f"(desc/frame/height and width)") from None
-        if shape[0] * shape[1] != self.channels:
+        if min(shape) < 1 or shape[0] * shape[1] != self.channels:
             raise RtnfError(f"LSL stream {self.name}: frame {shape[0]}x{shape[1]} does not match "
                             f"its {self.channels} channels")
         return shape
@@ -211,13 +283,13 @@ class LslSource:
         """What the inlet holds, or the first sample within `timeout` and what came with it.
         (pull_chunk with a timeout waits until its buffer is full or the timeout expires, so it
         would hold samples back; pull_sample returns as soon as one arrives.)"""
-        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
+        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=self.size.samples)
         if stamps:
             return samples, stamps
         first, stamp = self.inlet.pull_sample(timeout=timeout)
         if first is None:
             return [], []
-        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK)
+        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=self.size.samples)
         return [first, *samples], [stamp, *stamps]
 
     def _read(self) -> None:
@@ -225,24 +297,16 @@ class LslSource:
             samples, stamps = self._pull(LSL_READ_WAIT_S)
             if not stamps:
                 continue
-            try:
-                self.chunks.put_nowait((samples, stamps))
-            except queue.Full:
-                self.rejected["queue full (the reader of this stream is stalled)"] += len(stamps)
+            values, times = np.asarray(samples), np.asarray(stamps, dtype=np.float64)
+            if not self.chunks.put((values, times), values.nbytes + times.nbytes):
+                self.rejected[QUEUE_FULL] += len(times)
 
     def poll(self, timeout: float) -> list[Batch]:
-        try:
-            samples, stamps = self.chunks.get(timeout=timeout) if timeout > 0 else \
-                self.chunks.get_nowait()
-        except queue.Empty:
+        if not self.chunks.wait(timeout):
             return []
-        while True:
-            try:
-                more_samples, more_stamps = self.chunks.get_nowait()
-            except queue.Empty:
-                break
-            samples, stamps = [*samples, *more_samples], [*stamps, *more_stamps]
-        values = np.asarray(samples)
+        chunks = self.chunks.take(LSL_QUEUED_CHUNKS)
+        values = np.concatenate([values for values, _ in chunks])
+        stamps = np.concatenate([times for _, times in chunks])
         if self.kind == "spikes":
             records = values[:, -1]  # (unit) or (channel, unit)
         elif self.kind == "behavior":
@@ -264,13 +328,17 @@ class ZmqSource:
     """rtnf's ZeroMQ messages (binary or CSV text) from one publisher, for the kinds given."""
 
     def __init__(self, address: str, kinds: list[str], context=None,
-                 max_message_bytes: int = DEFAULT_MAX_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_BYTES,
+                 max_queued_bytes: int = QUEUE_BYTES):
+        """Messages waiting to be polled: at most ZMQ_HIGH_WATER_MARK and `max_queued_bytes`
+        (in ZeroMQ as much again); what does not fit is dropped and counted (QUEUE_FULL)."""
         self.kinds, self.rejected = kinds, Counter()
         self.gate = RecordGate(self.rejected)
         self.max_message_bytes = max_message_bytes
         self.name = f"zmq:{address}"
         self.subscriber = Subscriber(address, [TOPICS[Kind[kind.upper()]] for kind in kinds],
-                                     max_message_bytes, ZMQ_HIGH_WATER_MARK, context)
+                                     max_message_bytes, ZMQ_HIGH_WATER_MARK, context,
+                                     max_queued_bytes=max_queued_bytes, rejected=self.rejected)
         self.socket = self.subscriber.socket
 
     def poll(self, timeout: float) -> list[Batch]:
