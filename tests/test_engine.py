@@ -23,6 +23,7 @@ from rtnf.engine.cache_integrity import digest_path, verified
 from rtnf.engine.compile import backend_parity, compile_bundle
 from rtnf.engine.export import relative_error
 from rtnf.engine.graphs import dynamic_axes, example_inputs, session_graphs
+from rtnf.engine.onnxruntime_backend import OnnxRuntimeBackend
 from rtnf.engine.select import (cpu_choice_path, make_backend, open_engine, resolve,
                                 tensorrt_unavailable, write_cpu_choice)
 from rtnf.engine.tensorrt_plan import (FP16_PARITY, cached_or_built, dimension_ranges,
@@ -191,7 +192,7 @@ def test_a_damaged_optimised_graph_is_discarded_and_rebuilt(compiled, bundle_dir
     """engines/ is outside the manifest: its optimised graphs carry their own sha256."""
     copy = tmp_path / "copy"
     shutil.copytree(bundle_dir, copy)
-    (cache,) = copy.glob("engines/onnxruntime-*/decode.optimized.onnx")
+    (cache,) = copy.glob("engines/onnxruntime-*/decode.*.optimized.onnx")
     intact = cache.read_bytes()
     damage_cache, reason = CACHE_DAMAGE[damage]
     damage_cache(cache)
@@ -208,6 +209,22 @@ def test_a_damaged_optimised_graph_is_discarded_and_rebuilt(compiled, bundle_dir
     with caplog.at_level(logging.WARNING, logger="rtnf.engine"):
         open_engine(bundle, EngineConfig(threads=1), "onnxruntime")
     assert caplog.messages == []  # said once: the rebuilt graph verifies
+
+
+def test_an_optimised_graph_belongs_to_the_graph_it_was_optimised_from(compiled, bundle_dir,
+                                                                       tmp_path):
+    """A graph exported again (another rtnf or torch) is optimised afresh, not served from the
+    cache of the earlier export, and the earlier export's optimised graph is removed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    (earlier,) = copy.glob("engines/onnxruntime-*/decode.*.optimized.onnx")
+    model = onnx.load(copy / "onnx" / "decode.onnx")
+    model.producer_version += "+reexported"  # the same graph, other bytes
+    onnx.save(model, copy / "onnx" / "decode.onnx")
+    OnnxRuntimeBackend({"decode": copy / "onnx" / "decode.onnx"}, copy / "engines", 1, False)
+    (later,) = copy.glob("engines/onnxruntime-*/decode.*.optimized.onnx")
+    assert later != earlier and verified(later)
+    assert not earlier.exists() and not digest_path(earlier).exists()
 
 
 def test_a_damaged_cpu_choice_falls_back_to_onnxruntime(compiled, bundle_dir, tmp_path,

@@ -4,7 +4,8 @@ Sessions run sequentially with `engine.threads` intra-op threads and one inter-o
 graph optimisations on, and thread spinning as `engine.spin` says (off is often better on a
 small machine, where spinning threads steal the core the loop needs). The optimised graph is
 saved under the bundle's engines/ directory, keyed by ONNX Runtime version and processor,
-since the optimiser's layout choices are specific to both, with its sha256 beside it
+since the optimiser's layout choices are specific to both, and named by the sha256 of the graph
+it was optimised from (a re-exported graph is optimised afresh), with its own sha256 beside it
 (`rtnf.engine.cache_integrity`); later starts load it directly once it matches that digest,
 and otherwise optimise the bundle's (verified) graph again.
 """
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from rtnf.engine.cache_integrity import read_verified, write_digest
+from rtnf.bundle import sha256_file
+from rtnf.engine.cache_integrity import digest_path, read_verified, write_digest
 
 
 class OnnxRuntimeBackend:
@@ -36,7 +38,7 @@ class OnnxRuntimeBackend:
             cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cache_dir
         for name, path in models.items():
-            optimised = None if cache_dir is None else cache_dir / f"{name}.optimized.onnx"
+            optimised = None if cache_dir is None else _optimised_path(cache_dir, name, Path(path))
             session = self._session(Path(path), optimised)
             self.sessions[name] = session
             self.inputs[name] = [item.name for item in session.get_inputs()]
@@ -86,3 +88,14 @@ class OnnxRuntimeBackend:
         return {"backend": self.name, "device": "cpu", "onnxruntime": onnxruntime.__version__,
                 "threads": self.threads, "spin": self.spin,
                 "optimized_graphs": None if self.cache_dir is None else str(self.cache_dir)}
+
+
+def _optimised_path(cache_dir: Path, name: str, source: Path) -> Path:
+    """Where the optimised form of graph `name` exported as `source` is cached; the optimised
+    forms of earlier exports of that graph are removed."""
+    path = cache_dir / f"{name}.{sha256_file(source)[:16]}.optimized.onnx"
+    for stale in cache_dir.glob(f"{name}.*.optimized.onnx"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+            digest_path(stale).unlink(missing_ok=True)
+    return path
