@@ -18,6 +18,7 @@ from rtnf.config import EngineConfig, RealtimeConfig, SimulationConfig
 from rtnf.data.sim import simulate
 from rtnf.engine.select import open_engine
 from rtnf.model.generation import Sampling
+from rtnf.rt.heap import HeapTrimmer
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
 from rtnf.rt.decoder import WindowDecoder
 from rtnf.rt.loop import RealtimeLoop
@@ -236,3 +237,19 @@ def test_the_window_grid_is_placed_before_steady_arrivals(bundle, session):
     steady.origin = 100.0
     steady._align(100.0 + 0.0002 * np.arange(1000))
     assert steady.origin == 100.0
+
+
+def test_the_heap_is_trimmed_at_most_once_per_interval():
+    """glibc (the machines here): malloc_trim runs once the interval has passed, and again
+    only after another interval."""
+    now = [0.0]
+    trimmer = HeapTrimmer(lambda: now[0], interval_s=10.0)
+    assert trimmer.trim is not None
+    assert trimmer.maybe_trim() is None
+    now[0] = 10.0
+    took = trimmer.maybe_trim()
+    assert took is not None and took >= 0.0
+    now[0] = 19.0
+    assert trimmer.maybe_trim() is None
+    now[0] = 20.0
+    assert trimmer.maybe_trim() is not None

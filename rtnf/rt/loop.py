@@ -7,9 +7,10 @@ One thread, every stage bounded:
                 by their own buffers) -> checks -> buffers (fixed capacity)
     close       window clock -> decoder -> rules -> sinks, recorder, telemetry
 
-The loop thread alone touches the sources, the buffers and the engine: no hand-over between
-threads (on a 2-core rig PC, a reader thread woken by every spike slowed inference twofold),
-and the input is read exactly when a window needs it.
+The loop thread alone touches the buffers and the engine. Sources are polled without waiting;
+those that must be read all the time read on their own threads into queues bounded in bytes
+(LSL inlets, whose pulls liblsl blocks for a second or two while it re-attaches a restarted
+outlet; ZeroMQ subscribers), the others (replay, simulator) are read by the poll itself.
 
 Time: every source stamps its records on this machine's LSL clock (`clock`, pylsl.local_clock;
 LSL inlets apply time correction, the other sources map their clocks onto it). The loop works on
@@ -31,7 +32,8 @@ Per window: (close) poll every source once more; if the clock has already passed
 close, skip to the newest closed window and count the skipped ones (no backlog ever builds);
 (tokenize, infer) the decoder; (publish) rules, sinks, recorder, telemetry. Then, while
 waiting for the next window, the decoder prepares it (history keys/values of the spikes that
-entered its history, clip encoding when a frame arrives).
+entered its history, clip encoding when a frame arrives), and every TRIM_INTERVAL_S the C heap's
+free memory is returned to the system (`rtnf.rt.heap`; timed in the summary's `heap_trim_ms`).
 
 Input checks (rejected with a counted reason, never fatal): unit not in the bundle, spike time
 going backwards, spike older than a closed window (late), a burst that does not fit the spike
@@ -69,6 +71,7 @@ import numpy as np
 
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
 from rtnf.rt.decoder import InferenceError, WindowDecoder
+from rtnf.rt.heap import HeapTrimmer
 from rtnf.rt.recorder import Recorder
 from rtnf.rt.rules import Rules
 from rtnf.rt.telemetry import Telemetry
@@ -122,6 +125,7 @@ class RealtimeLoop:
         self.hop = decoder.windows.hop
         self.telemetry = Telemetry(self.hop, layout.targets)
         self.stop = threading.Event() if stop is None else stop
+        self.heap = HeapTrimmer(clock)
         self.retry_at = [0.0] * len(sources)  # a failed source is polled again from then
         order = np.argsort(layout.unit_ids)
         self.sorted_ids, self.sorted_index = np.asarray(layout.unit_ids)[order], order
@@ -497,5 +501,8 @@ class RealtimeLoop:
                 self._prepare(newest)
             self._process(self.next_k, closed)
             self._prepare(self.next_k + 1)
+            trimmed_ms = self.heap.maybe_trim()
+            if trimmed_ms is not None:
+                self.telemetry.heap_trim.add(trimmed_ms)
         return self.telemetry.summary() | {"fallback": self.fallback,
                                            "failures": list(self.failures)}

@@ -67,6 +67,7 @@ class Telemetry:
         self.hop_ms, self.targets = hop_s * 1e3, targets
         self.latency = Histogram()
         self.stages = {stage: Histogram() for stage in STAGES}
+        self.heap_trim = Histogram()  # returning free heap memory, between windows
         self.counters: Counter = Counter()
         self.rejected: Counter = Counter()
         self.decoded = np.full(len(targets), np.nan)
@@ -99,6 +100,7 @@ class Telemetry:
             "latency_ms": self.latency.summary(),
             "stages_ms": {stage: {"p50": h.percentile(0.5), "p99": h.percentile(0.99),
                                   "max": h.max} for stage, h in self.stages.items()},
+            "heap_trim_ms": self.heap_trim.summary(),
             "counters": {key: value for key, value in sorted(self.counters.items())
                          if key not in ("windows", "skipped", "missed")},
             "rejected": dict(sorted(self.rejected.items())),

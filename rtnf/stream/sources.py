@@ -75,8 +75,9 @@ LSL_READ_WAIT_S = 0.1  # an LSL reader thread's longest wait, so it notices a cl
 # What an LSL stream may declare: spikes (unit) or (channel, unit); behaviour, labelled
 # channels; frames, height x width pixels.
 LSL_MAX_CHANNELS = {"spikes": 2, "behavior": 256, "frames": 4096 * 4096}
-LSL_VALUE_BYTES = {"cf_float32": 4, "cf_double64": 8, "cf_int32": 4, "cf_int16": 2, "cf_int8": 1,
-                   "cf_int64": 8}  # the numeric formats (a string stream is refused)
+LSL_VALUE_TYPES = {"cf_float32": np.float32, "cf_double64": np.float64, "cf_int32": np.int32,
+                   "cf_int16": np.int16, "cf_int8": np.int8, "cf_int64": np.int64}  # numbers only
+LSL_PULL_SAMPLES = 1024  # the most one pull takes (the reader thread pulls again at once)
 LSL_BUFFER_BYTES = 64 << 20  # what one inlet may buffer in liblsl, and again in its hand-over
 LSL_MAX_BUFLEN_S = 360  # liblsl's default max_buflen: the longest an inlet buffers
 # liblsl buffers max_buflen x rate samples, or max_buflen x 100 when the rate is irregular, and
@@ -160,10 +161,11 @@ def _checked_records(kind: str, records: np.ndarray) -> tuple[np.ndarray, np.nda
 @dataclass(frozen=True)
 class InletSize:
     """What an LSL inlet buffers: liblsl's `max_buflen` (seconds, or hundreds of samples when
-    the rate is irregular) and the samples that makes (also the most one pull takes)."""
+    the rate is irregular) and the samples that makes; and the type of the stream's values."""
 
     max_buflen: int
     samples: int
+    value_type: np.dtype
 
 
 def inlet_size(kind: str, name: str, info, pylsl: ModuleType) -> InletSize:
@@ -171,7 +173,8 @@ def inlet_size(kind: str, name: str, info, pylsl: ModuleType) -> InletSize:
     LSL_BUFFER_BYTES beside liblsl's reserve, at most LSL_MAX_BUFLEN_S. Checked before any inlet
     exists, as liblsl allocates by what the stream declares: RtnfError (naming the stream, what
     it declares and the limit) for a stream beyond rtnf's limits."""
-    sample_bytes, rate = _declared_sample(kind, name, info, pylsl)
+    value_type, rate = _declared_values(kind, name, info, pylsl)
+    sample_bytes = value_type.itemsize * info.channel_count()
     per_buflen, reserve = ((rate, LSL_RESERVE_S * rate) if rate else
                            (LSL_IRREGULAR_SAMPLES_PER_S, LSL_IRREGULAR_RESERVE))
     max_buflen = min(LSL_MAX_BUFLEN_S,
@@ -181,11 +184,11 @@ def inlet_size(kind: str, name: str, info, pylsl: ModuleType) -> InletSize:
         raise RtnfError(f"LSL stream {name} declares samples of {sample_bytes} bytes at "
                         f"{rate:g} Hz: {needed:.0f} MiB to buffer; rtnf buffers at most "
                         f"{LSL_BUFFER_BYTES >> 20} MiB per stream")
-    return InletSize(max_buflen, max(1, int(max_buflen * per_buflen)))
+    return InletSize(max_buflen, max(1, int(max_buflen * per_buflen)), value_type)
 
 
-def _declared_sample(kind: str, name: str, info, pylsl: ModuleType) -> tuple[int, float]:
-    """The stream's sample size in bytes and nominal rate (0: irregular), once its channel
+def _declared_values(kind: str, name: str, info, pylsl: ModuleType) -> tuple[np.dtype, float]:
+    """The type of the stream's values and its nominal rate (0: irregular), once its channel
     count, channel format and rate are checked."""
     channels, rate = info.channel_count(), info.nominal_srate()
     limit = LSL_MAX_CHANNELS[kind]
@@ -193,18 +196,18 @@ def _declared_sample(kind: str, name: str, info, pylsl: ModuleType) -> tuple[int
         raise RtnfError(f"LSL stream {name} declares {channels} channels; rtnf takes 1 to "
                         f"{limit} for {kind}")
     channel_format = _format_name(info.channel_format(), pylsl)
-    if channel_format not in LSL_VALUE_BYTES:
+    if channel_format not in LSL_VALUE_TYPES:
         raise RtnfError(f"LSL stream {name} declares channel format {channel_format}; rtnf "
-                        f"takes numbers ({', '.join(LSL_VALUE_BYTES)})")
+                        f"takes numbers ({', '.join(LSL_VALUE_TYPES)})")
     if not (math.isfinite(rate) and rate >= 0):
         raise RtnfError(f"LSL stream {name} declares a nominal rate of {rate} Hz; rtnf takes 0 "
                         "(irregular) or a positive rate")
-    return channels * LSL_VALUE_BYTES[channel_format], rate
+    return np.dtype(LSL_VALUE_TYPES[channel_format]), rate
 
 
 def _format_name(channel_format: int, pylsl: ModuleType) -> str:
     """pylsl's name of a channel format (cf_float32, ...)."""
-    names = {getattr(pylsl, name): name for name in (*LSL_VALUE_BYTES, "cf_string")}
+    names = {getattr(pylsl, name): name for name in (*LSL_VALUE_TYPES, "cf_string")}
     return names.get(channel_format, f"#{channel_format}")
 
 
@@ -240,6 +243,9 @@ class LslSource:
         self.behavior_columns = self._behavior_columns(info) if kind == "behavior" else None
         self.frame_shape = self._frame_shape(info) if kind == "frames" else None
         self.inlet.open_stream(resolve_timeout)
+        # Pulls land in one buffer allocated here, not in arrays allocated per pull.
+        self.buffer = np.empty((min(self.size.samples, LSL_PULL_SAMPLES), self.channels),
+                               self.size.value_type)
         # liblsl blocks every pull for a second or two while it re-attaches to a restarted
         # outlet, so the inlet is read by its own thread and `poll` never touches it.
         self.chunks: HandOver[tuple[np.ndarray, np.ndarray]] = HandOver(LSL_QUEUED_CHUNKS,
@@ -279,26 +285,32 @@ class LslSource:
                             f"its {self.channels} channels")
         return shape
 
-    def _pull(self, timeout: float) -> tuple[list, list]:
+    def _pull_waiting(self) -> tuple[np.ndarray, np.ndarray]:
+        """What the inlet holds (up to the buffer's length): values (samples, channels) and
+        timestamps, copied out of the buffer."""
+        _, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=len(self.buffer),
+                                          dest_obj=self.buffer)
+        return self.buffer[:len(stamps)].copy(), np.asarray(stamps, dtype=np.float64)
+
+    def _pull(self, timeout: float) -> tuple[np.ndarray, np.ndarray]:
         """What the inlet holds, or the first sample within `timeout` and what came with it.
         (pull_chunk with a timeout waits until its buffer is full or the timeout expires, so it
         would hold samples back; pull_sample returns as soon as one arrives.)"""
-        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=self.size.samples)
-        if stamps:
-            return samples, stamps
+        values, stamps = self._pull_waiting()
+        if stamps.size:
+            return values, stamps
         first, stamp = self.inlet.pull_sample(timeout=timeout)
         if first is None:
-            return [], []
-        samples, stamps = self.inlet.pull_chunk(timeout=0.0, max_samples=self.size.samples)
-        return [first, *samples], [stamp, *stamps]
+            return values, stamps
+        values, stamps = self._pull_waiting()
+        return (np.concatenate((np.asarray([first], self.buffer.dtype), values)),
+                np.concatenate(([stamp], stamps)))
 
     def _read(self) -> None:
         while not self.stopping.is_set():
-            samples, stamps = self._pull(LSL_READ_WAIT_S)
-            if not stamps:
-                continue
-            values, times = np.asarray(samples), np.asarray(stamps, dtype=np.float64)
-            if not self.chunks.put((values, times), values.nbytes + times.nbytes):
+            values, times = self._pull(LSL_READ_WAIT_S)
+            if times.size and not self.chunks.put((values, times),
+                                                  values.nbytes + times.nbytes):
                 self.rejected[QUEUE_FULL] += len(times)
 
     def poll(self, timeout: float) -> list[Batch]:
