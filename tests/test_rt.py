@@ -18,9 +18,9 @@ from rtnf.config import EngineConfig, RealtimeConfig, SimulationConfig
 from rtnf.data.sim import simulate
 from rtnf.engine.select import open_engine
 from rtnf.model.generation import Sampling
-from rtnf.rt.heap import HeapTrimmer
 from rtnf.rt.buffers import BehaviorBuffer, FrameBuffer, SpikeBuffer
 from rtnf.rt.decoder import WindowDecoder
+from rtnf.rt.heap import HeapTrimmer
 from rtnf.rt.loop import RealtimeLoop
 from rtnf.rt.run import output_layout
 from rtnf.errors import RtnfError
