@@ -141,9 +141,14 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Report]:
             faults.source_restarts(bundles["frameless"], t, n, workdir)])
         entries.append(_entry(
             f"spike source killed and restarted {restarts}x ({transport})", reports,
-            lambda r, n=restarts: (r["counters"].get("reconnects") == n and _whole(r["record"])
-                                   and r["record"]["decoded_sequence_gaps"] == r["skipped"]
-                                   and r["windows_after_last_restart"] > 0),
+            # LSL: liblsl may hand over a last chunk of the old stream while it re-attaches
+            # (silent, back, silent, back): up to two closed gaps per restart (as the test).
+            lambda r, n=restarts, t=transport: (
+                r["counters"].get("reconnects") == r["counters"].get("source_gaps")
+                and n <= r["counters"].get("reconnects", 0) <= (n if t == "zmq" else 2 * n)
+                and _whole(r["record"])
+                and r["record"]["decoded_sequence_gaps"] == r["skipped"]
+                and r["windows_after_last_restart"] > 0),
             lambda r: {"windows_skipped": r["skipped"],
                        "late_spikes": r["counters"].get("late_spikes", 0)}))
     reports = timed("behaviour gone", lambda: [faults.behavior_disappears(
